@@ -1,0 +1,1 @@
+"""AMQP plumbing: topology, the confirming publisher and the delay ladder."""

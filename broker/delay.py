@@ -1,0 +1,33 @@
+"""The delay ladder: one queue per power-of-two delay, so any delay takes few hops.
+
+Level L holds messages for UNIT_MS * 2**L. A delayed message's routing key starts with
+LEVELS words, one bit each (highest level first), followed by the destination queue name;
+each level's exchange sends it either into its queue (bit 1) or straight on to the next
+level down (bit 0). The lowest level hands it to the delivery exchange, which routes it
+back to the work queue by the name at the end of the key. Every message in one level's
+queue has the same TTL, so nothing waits behind a longer delay.
+"""
+
+from __future__ import annotations
+
+UNIT_MS = 100
+LEVELS = 24  # UNIT_MS * 2**LEVELS is about 19 days; longer delays go round again.
+MAX_UNITS = 2**LEVELS - 1
+
+
+def delay_routing_key(delay_ms: int, queue: str) -> str:
+    """The routing key that sends a message through the ladder for at least `delay_ms`."""
+    units = min(MAX_UNITS, max(1, -(-delay_ms // UNIT_MS)))
+    bits = format(units, f"0{LEVELS}b")
+    return ".".join(bits) + "." + queue
+
+
+def delivery_binding(queue: str) -> str:
+    """The delivery exchange's binding for a work queue: any LEVELS bits, then the name."""
+    return "*." * LEVELS + queue
+
+
+def level_bindings(level: int) -> tuple[str, str]:
+    """(to this level's queue, on to the next level) binding keys of one level's exchange."""
+    prefix = "*." * (LEVELS - 1 - level)
+    return prefix + "1.#", prefix + "0.#"

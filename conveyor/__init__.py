@@ -1,0 +1,64 @@
+"""conveyor: durable task execution for Python on RabbitMQ and Redis."""
+
+import os as _os
+
+# In a source checkout conveyor.shared, .broker, .worker and .scheduler are the folders
+# beside this one (pyproject maps them); when the checkout's root is on sys.path, e.g.
+# when running from it, this makes them importable as they are once installed.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "shared")) and _os.path.isfile(
+    _os.path.join(_root, "shared", "store.py")
+):
+    __path__.append(_root)
+
+from conveyor._client import Client, RunHandle
+from conveyor._step import run_step, step
+from conveyor._task import BoundTask, Task, registered_tasks, task
+from conveyor.shared.context import RunInfo, current_run
+from conveyor.shared.errors import (
+    ConfigurationError,
+    ConveyorError,
+    InvalidArguments,
+    NonRetryableError,
+    PayloadTooLarge,
+    PublishFailed,
+    ResultTimeout,
+    RunFailed,
+    RunNotFound,
+    StepResultNotSerializable,
+    TaskDefinitionError,
+    TriggerError,
+)
+from conveyor.shared.models import AttemptInfo, Run, RunStatus
+from conveyor.shared.retry import Retry
+from conveyor.shared.settings import Settings
+
+__all__ = [
+    "AttemptInfo",
+    "BoundTask",
+    "Client",
+    "ConfigurationError",
+    "ConveyorError",
+    "InvalidArguments",
+    "NonRetryableError",
+    "PayloadTooLarge",
+    "PublishFailed",
+    "ResultTimeout",
+    "Retry",
+    "Run",
+    "RunFailed",
+    "RunHandle",
+    "RunInfo",
+    "RunNotFound",
+    "RunStatus",
+    "Settings",
+    "StepResultNotSerializable",
+    "Task",
+    "TaskDefinitionError",
+    "TriggerError",
+    "current_run",
+    "registered_tasks",
+    "run_step",
+    "step",
+    "task",
+]

@@ -1,0 +1,254 @@
+"""Client: triggers runs, reads and cancels them. RunHandle: one run seen from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import aio_pika
+import msgspec
+import redis.asyncio as aioredis
+
+from conveyor.broker.publisher import Outgoing, Publisher
+from conveyor.broker.topology import Topology
+from conveyor.shared.errors import (
+    InvalidArguments,
+    PayloadTooLarge,
+    PublishFailed,
+    ResultTimeout,
+    RunFailed,
+    RunNotFound,
+    TriggerError,
+)
+from conveyor.shared.ids import new_run_id
+from conveyor.shared.models import Run, RunMessage, RunStatus
+from conveyor.shared.names import check_name
+from conveyor.shared.settings import Settings
+from conveyor.shared.store import NewRun, RunStore, decode_any
+
+if TYPE_CHECKING:
+    from ._task import Task, TriggerOptions
+
+R = TypeVar("R")
+
+_message_encoder = msgspec.json.Encoder()
+
+
+class RunHandle(Generic[R]):
+    """A triggered run: its id, its status, and a way to wait for its result."""
+
+    __slots__ = ("_client", "_decode", "id")
+
+    def __init__(self, run_id: str, client: Client, decode: Callable[[bytes], R]) -> None:
+        self.id = run_id
+        self._client = client
+        self._decode = decode
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r})"
+
+    async def status(self) -> RunStatus:
+        view = await self._client.store.status(self.id)
+        if view is None:
+            raise RunNotFound(self.id)
+        return view.status
+
+    async def get(self) -> Run:
+        return await self._client.get_run(self.id)
+
+    async def cancel(self) -> RunStatus:
+        return await self._client.cancel(self.id)
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the run to end; return its output or raise RunFailed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            view = await self._client.store.status(self.id)
+            if view is None:
+                raise RunNotFound(self.id)
+            if view.status is RunStatus.COMPLETED:
+                return self._decode(view.output or b"null")
+            if view.status.is_terminal:
+                raise RunFailed(self.id, view.status.value, view.error)
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise ResultTimeout(self.id, timeout or 0.0, view.status.value)
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.1)
+
+
+class Client:
+    """A connection to conveyor's RabbitMQ and Redis for triggering and inspecting runs.
+
+    Use `async with Client(...)`; inside the block, `Task.trigger` goes through it.
+    Settings come from CONVEYOR_* variables; keyword arguments override them."""
+
+    def __init__(
+        self,
+        *,
+        amqp_url: str | None = None,
+        redis_url: str | None = None,
+        namespace: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or Settings.from_env(
+            amqp_url=amqp_url, redis_url=redis_url, namespace=namespace
+        )
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url)
+        self.store = RunStore(self.redis, self.settings)
+        self.topology = Topology(self.settings)
+        self.publisher = Publisher(self.settings, self.topology)
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._tokens: list[Token[Client | None]] = []
+
+    async def __aenter__(self) -> Client:
+        self._tokens.append(_active.set(self))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        _active.reset(self._tokens.pop())
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect to RabbitMQ (Redis connects per command); called on first use."""
+        async with self._connect_lock:
+            if self._connection is None:
+                self._connection = await aio_pika.connect_robust(
+                    self.settings.amqp_url,
+                    client_properties={
+                        "connection_name": f"conveyor-client:{self.settings.namespace}"
+                    },
+                )
+                await self.publisher.connect(self._connection)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        await self.redis.aclose()
+
+    # -- triggering ---------------------------------------------------------------------
+
+    async def trigger(
+        self,
+        task_id: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        delay: float | None = None,
+        tags: Sequence[str] | None = None,
+        queue: str | None = None,
+    ) -> RunHandle[Any]:
+        """Trigger a task by id with a JSON-compatible payload of keyword arguments."""
+        from ._task import TriggerOptions
+
+        check_name("task id", task_id)
+        try:
+            body = msgspec.json.encode(dict(payload or {}))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArguments(task_id, f"payload is not JSON-serializable: {exc}") from exc
+        opts = TriggerOptions(idempotency_key=idempotency_key, delay=delay, tags=list(tags or []))
+        [handle] = await self._trigger(task_id, queue or task_id, [body], opts, decode_any)
+        return handle
+
+    async def trigger_task(
+        self, task: Task[Any, R], payloads: Sequence[bytes], options: TriggerOptions
+    ) -> list[RunHandle[R]]:
+        return await self._trigger(task.id, task.queue, payloads, options, task.decode_result)
+
+    async def _trigger(
+        self,
+        task_id: str,
+        queue: str,
+        payloads: Sequence[bytes],
+        opts: TriggerOptions,
+        decode: Callable[[bytes], R],
+    ) -> list[RunHandle[R]]:
+        limit = self.settings.max_payload_bytes
+        for body in payloads:
+            if len(body) > limit:
+                raise PayloadTooLarge(task_id, len(body), limit)
+        if opts.delay is not None and opts.delay < 0:
+            raise TriggerError(f"delay must be zero or positive seconds, got {opts.delay}")
+        if opts.idempotency_key is not None and len(payloads) > 1:
+            raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
+        delay_ms = int((opts.delay or 0) * 1000)
+        await self.connect()
+        await self.publisher.ensure_queue(queue)
+        runs = [
+            NewRun(new_run_id(), task_id, queue, body, opts.tags, opts.idempotency_key, delay_ms)
+            for body in payloads
+        ]
+        created = await self.store.create(runs)
+        fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
+        not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
+        outgoing = [
+            Outgoing(
+                queue,
+                _message_encoder.encode(
+                    RunMessage(
+                        task=task_id,
+                        payload=msgspec.Raw(run.payload),
+                        id=run.run_id,
+                        idempotency_key=run.idempotency_key,
+                        tags=run.tags,
+                        not_before=not_before,
+                    )
+                ),
+                message_id=run.run_id,
+                delay_ms=delay_ms,
+            )
+            for run in fresh
+        ]
+        try:
+            await self.publisher.publish(outgoing)
+        except PublishFailed as exc:
+            await self.store.abandon(fresh, f"not published: {exc}")
+            raise
+        return [RunHandle(c.run_id, self, decode) for c in created]
+
+    # -- reading and control ------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run:
+        run = await self.store.get(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    async def list_runs(
+        self, *, task_id: str | None = None, status: RunStatus | None = None, limit: int = 50
+    ) -> list[Run]:
+        return await self.store.list(task_id=task_id, status=status, limit=limit)
+
+    async def cancel(self, run_id: str) -> RunStatus:
+        """Cancel a run that has not ended; returns the status it had before."""
+        previous = await self.store.cancel(run_id)
+        if previous == "MISSING":
+            raise RunNotFound(run_id)
+        return RunStatus(previous)
+
+    def handle(self, run_id: str) -> RunHandle[Any]:
+        return RunHandle(run_id, self, decode_any)
+
+
+_active: ContextVar[Client | None] = ContextVar("conveyor_client", default=None)
+_default: dict[asyncio.AbstractEventLoop, Client] = {}
+
+
+async def active_client() -> Client:
+    """The client of the innermost `async with Client()`, else a default one from the
+    environment, created on first use and kept for the event loop."""
+    client = _active.get()
+    if client is not None:
+        return client
+    loop = asyncio.get_running_loop()
+    for other in [lp for lp in _default if lp is not loop and lp.is_closed()]:
+        del _default[other]
+    client = _default.get(loop)
+    if client is None:
+        client = _default[loop] = Client()
+    return client

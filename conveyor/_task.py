@@ -1,0 +1,208 @@
+"""@task: an async function that runs durably, and the registry workers load tasks from."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import msgspec
+
+from conveyor.shared.errors import InvalidArguments, TaskDefinitionError
+from conveyor.shared.names import check_name
+from conveyor.shared.retry import DEFAULT_RETRY, Retry
+
+if TYPE_CHECKING:
+    from ._client import RunHandle
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_registry: dict[str, Task[Any, Any]] = {}
+
+
+def registered_tasks() -> dict[str, Task[Any, Any]]:
+    """Every task defined so far in this process, by id."""
+    return dict(_registry)
+
+
+class TriggerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    idempotency_key: str | None = None
+    delay: float | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+class Task(Generic[P, R]):
+    """A durable task. Trigger it; a worker that imported it runs it."""
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        id: str,
+        queue: str | None,
+        retry: Retry,
+        max_duration: float | None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an async function")
+        if max_duration is not None and max_duration <= 0:
+            raise TaskDefinitionError(f"task {id!r}: max_duration must be positive")
+        try:
+            check_name("task id", id)
+            check_name("queue", queue or id)
+        except Exception as exc:
+            raise TaskDefinitionError(str(exc)) from exc
+        self.fn = fn
+        self.id = id
+        self.queue = queue or id
+        self.retry = retry
+        self.max_duration = max_duration
+        self._signature = inspect.signature(fn)
+        hints = _hints(fn)
+        self._args_decoder = msgspec.json.Decoder(_args_struct(id, self._signature, hints))
+        self.result_type: Any = hints.get("return", Any)
+        self._result_decoder: msgspec.json.Decoder[R] = msgspec.json.Decoder(self.result_type)
+
+    def __repr__(self) -> str:
+        return f"Task({self.id!r}, queue={self.queue!r})"
+
+    # -- triggering ---------------------------------------------------------------------
+
+    async def trigger(self, *args: P.args, **kwargs: P.kwargs) -> RunHandle[R]:
+        """Start a run; returns once RabbitMQ has confirmed the message."""
+        return await self.options().trigger(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        idempotency_key: str | None = None,
+        delay: float | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> BoundTask[P, R]:
+        return BoundTask(
+            self,
+            TriggerOptions(idempotency_key=idempotency_key, delay=delay, tags=list(tags or [])),
+        )
+
+    async def batch_trigger(self, items: Iterable[Mapping[str, Any]]) -> list[RunHandle[R]]:
+        """Start one run per mapping of keyword arguments, published as one confirmed batch."""
+        return await self.options().batch_trigger(items)
+
+    # -- encoding -----------------------------------------------------------------------
+
+    def encode_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(self.id, str(exc)) from exc
+        try:
+            return msgspec.json.encode(bound.arguments)
+        except (TypeError, ValueError, OverflowError) as exc:
+            bad = [name for name, value in bound.arguments.items() if not _encodable(value)]
+            where = f" (argument {', '.join(map(repr, bad))})" if bad else ""
+            raise InvalidArguments(self.id, f"{exc}{where}") from exc
+
+    def decode_arguments(self, payload: bytes) -> dict[str, Any]:
+        try:
+            values = self._args_decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            raise InvalidArguments(self.id, str(exc)) from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidArguments(self.id, f"payload is not valid JSON: {exc}") from exc
+        return {name: getattr(values, name) for name in values.__struct_fields__}
+
+    def decode_result(self, raw: bytes) -> R:
+        return self._result_decoder.decode(raw)
+
+
+class BoundTask(Generic[P, R]):
+    """A task with trigger options applied: `task.options(...).trigger(...)`."""
+
+    def __init__(self, task: Task[P, R], options: TriggerOptions) -> None:
+        self.task = task
+        self.opts = options
+
+    async def trigger(self, *args: P.args, **kwargs: P.kwargs) -> RunHandle[R]:
+        from ._client import active_client
+
+        payload = self.task.encode_arguments(args, kwargs)
+        client = await active_client()
+        [handle] = await client.trigger_task(self.task, [payload], self.opts)
+        return handle
+
+    async def batch_trigger(self, items: Iterable[Mapping[str, Any]]) -> list[RunHandle[R]]:
+        from ._client import active_client
+
+        payloads = [self.task.encode_arguments((), item) for item in items]
+        client = await active_client()
+        return await client.trigger_task(self.task, payloads, self.opts)
+
+
+def task(
+    *,
+    id: str,
+    queue: str | None = None,
+    retry: Retry | None = None,
+    max_duration: float | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
+    """Declare an async function as a durable task with a stable id.
+
+    `queue` defaults to the id; `retry` to Retry(); `max_duration` (seconds) ends an
+    attempt that runs longer as TIMED_OUT."""
+
+    def decorate(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
+        defined = Task(
+            fn, id=id, queue=queue, retry=retry or DEFAULT_RETRY, max_duration=max_duration
+        )
+        existing = _registry.get(id)
+        if existing is not None and (
+            existing.fn.__module__.split(".")[-1],
+            existing.fn.__qualname__,
+        ) != (fn.__module__.split(".")[-1], fn.__qualname__):
+            raise TaskDefinitionError(
+                f"task id {id!r} is already used by {existing.fn.__module__}."
+                f"{existing.fn.__qualname__}; task ids must be unique"
+            )
+        _registry[id] = defined
+        return defined
+
+    return decorate
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TaskDefinitionError(
+            f"cannot resolve the annotations of {fn.__qualname__}: {exc}"
+        ) from exc
+
+
+def _args_struct(
+    task_id: str, sig: inspect.Signature, hints: dict[str, Any]
+) -> type[msgspec.Struct]:
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for param in sig.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TaskDefinitionError(
+                f"task {task_id!r}: *args and **kwargs parameters are not supported; "
+                "name each argument so it can be validated"
+            )
+        annotation = hints.get(param.name, Any)
+        if param.default is param.empty:
+            fields.append((param.name, annotation))
+        else:
+            fields.append((param.name, annotation, param.default))
+    return msgspec.defstruct(
+        f"Arguments[{task_id}]", fields, kw_only=True, forbid_unknown_fields=True
+    )
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        msgspec.json.encode(value)
+    except Exception:
+        return False
+    return True

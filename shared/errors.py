@@ -1,0 +1,92 @@
+"""The one exception hierarchy of conveyor.
+
+ConveyorError
+├── ConfigurationError        a setting is missing or invalid
+├── TaskDefinitionError       a @task or @step cannot be used as written
+├── TriggerError              a run could not be triggered
+│   ├── InvalidArguments      arguments do not match the task's signature
+│   ├── PayloadTooLarge       the encoded arguments exceed the payload limit
+│   └── PublishFailed         the broker did not accept the message
+├── RunNotFound               no run with that id (never existed or expired)
+├── RunFailed                 a run ended in a terminal state other than COMPLETED
+├── ResultTimeout             a run did not finish within the wait (also a TimeoutError)
+└── NonRetryableError         raised by task code: fail the run now, no retries
+    └── StepResultNotSerializable
+"""
+
+from __future__ import annotations
+
+
+class ConveyorError(Exception):
+    """Base of every error conveyor raises."""
+
+
+class ConfigurationError(ConveyorError):
+    pass
+
+
+class TaskDefinitionError(ConveyorError):
+    pass
+
+
+class TriggerError(ConveyorError):
+    pass
+
+
+class InvalidArguments(TriggerError):
+    def __init__(self, task_id: str, detail: str) -> None:
+        super().__init__(f"invalid arguments for task {task_id!r}: {detail}")
+        self.task_id = task_id
+        self.detail = detail
+
+
+class PayloadTooLarge(TriggerError):
+    def __init__(self, task_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"payload of task {task_id!r} is {size} bytes, over the limit of {limit} bytes; "
+            "pass a reference (a URL or object key) instead of the data, "
+            "or raise CONVEYOR_MAX_PAYLOAD_BYTES"
+        )
+        self.task_id = task_id
+        self.size = size
+        self.limit = limit
+
+
+class PublishFailed(TriggerError):
+    pass
+
+
+class RunNotFound(ConveyorError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r} in this namespace (wrong id, or it expired)")
+        self.run_id = run_id
+
+
+class RunFailed(ConveyorError):
+    """The run ended FAILED, CRASHED, TIMED_OUT, CANCELED or EXPIRED; `error` says why."""
+
+    def __init__(self, run_id: str, status: str, error: str | None) -> None:
+        super().__init__(f"run {run_id} ended {status}: {error or 'no error recorded'}")
+        self.run_id = run_id
+        self.status = status
+        self.error = error
+
+
+class ResultTimeout(ConveyorError, TimeoutError):
+    def __init__(self, run_id: str, timeout: float, status: str) -> None:
+        super().__init__(f"run {run_id} did not finish within {timeout}s (status {status})")
+        self.run_id = run_id
+        self.status = status
+
+
+class NonRetryableError(ConveyorError):
+    """Raise from task code to fail the run at once, skipping the remaining retries."""
+
+
+class StepResultNotSerializable(NonRetryableError):
+    def __init__(self, step_key: str, detail: str) -> None:
+        super().__init__(
+            f"the result of step {step_key!r} cannot be checkpointed: {detail}; "
+            "return JSON-compatible data, msgspec Structs, dataclasses, datetimes or bytes"
+        )
+        self.step_key = step_key

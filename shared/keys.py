@@ -1,0 +1,24 @@
+"""The Redis key layout. Every key starts with the namespace; a run's keys share the
+hash tag ``{run_id}`` so that scripts over one run stay on one Redis Cluster slot."""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.runs_index = f"{namespace}:runs"
+        self.cancel_channel = f"{namespace}:cancel"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.namespace}:{{{run_id}}}:run"
+
+    def steps(self, run_id: str) -> str:
+        return f"{self.namespace}:{{{run_id}}}:steps"
+
+    def idempotency(self, task_id: str, key: str) -> str:
+        return f"{self.namespace}:idem:{task_id}:{key}"
+
+    def pattern(self) -> str:
+        """Matches every key of the namespace (used by cleanup in tests and tools)."""
+        return f"{self.namespace}:*"

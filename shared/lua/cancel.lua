@@ -1,0 +1,15 @@
+-- Cancel a run that has not finished. KEYS: run, steps   ARGV: run_ttl_s
+-- Returns the status the run had before.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'MISSING' end
+if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
+  or status == 'TIMED_OUT' or status == 'EXPIRED' then
+  return status
+end
+redis.call('HSET', KEYS[1], 'status', 'CANCELED', 'finished_at', now, 'lease_until', 0,
+  'error', 'canceled on request')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return status

@@ -1,0 +1,58 @@
+-- Decide what a delivered message means for its run, and start an attempt if it may run.
+-- KEYS: run, steps, runs index
+-- ARGV: worker, lease_ms, max_crashes, task, queue, payload, tags, idem_key, run_ttl_s
+-- Returns {'run', attempt, failures, crashes, checkpoints...} | {'drop', status}
+--       | {'busy', ms} | {'early', ms} | {'crashed', reason}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
+  'crashes', 'failures', 'worker', 'started_at')
+local status = r[1]
+if not status then
+  -- A trigger published straight to the broker (wire format): the run starts here.
+  redis.call('HSET', KEYS[1], 'task', ARGV[4], 'queue', ARGV[5], 'status', 'QUEUED',
+    'payload', ARGV[6], 'tags', ARGV[7], 'idem', ARGV[8], 'created_at', now,
+    'attempt', 0, 'failures', 0, 'crashes', 0)
+  redis.call('ZADD', KEYS[3], now, string.match(KEYS[1], '{(.*)}'))
+  status = 'QUEUED'
+  r = {status, false, false, '0', '0', '0', false, false}
+end
+if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
+  or status == 'TIMED_OUT' or status == 'EXPIRED' then
+  return {'drop', status}
+end
+local crashes = tonumber(r[5] or '0')
+if status == 'EXECUTING' then
+  local lease = tonumber(r[2] or '0')
+  if lease > now then return {'busy', lease - now} end
+  -- The worker that held the run stopped renewing its lease: it is gone.
+  crashes = crashes + 1
+  local n = r[4]
+  local raw = redis.call('HGET', KEYS[1], 'a:' .. n)
+  if raw then
+    local rec = cjson.decode(raw)
+    rec.status = 'CRASHED'
+    rec.finished_at = now
+    rec.error = 'worker ' .. tostring(r[7]) .. ' stopped renewing its lease (killed or lost)'
+    redis.call('HSET', KEYS[1], 'a:' .. n, cjson.encode(rec))
+  end
+  redis.call('HSET', KEYS[1], 'crashes', crashes, 'lease_until', 0)
+  if crashes >= tonumber(ARGV[3]) then
+    local reason = 'the worker running this run died ' .. crashes .. ' times; giving up'
+    redis.call('HSET', KEYS[1], 'status', 'CRASHED', 'finished_at', now, 'error', reason)
+    redis.call('EXPIRE', KEYS[1], ARGV[9])
+    redis.call('EXPIRE', KEYS[2], ARGV[9])
+    return {'crashed', reason}
+  end
+end
+local nb = tonumber(r[3] or '0')
+if nb > now then return {'early', nb - now} end
+local n = tonumber(r[4] or '0') + 1
+redis.call('HSET', KEYS[1], 'status', 'EXECUTING', 'attempt', n, 'worker', ARGV[1],
+  'lease_until', now + tonumber(ARGV[2]), 'started_at', r[8] or now,
+  'a:' .. n, '{"number":' .. n .. ',"status":"EXECUTING","started_at":' .. now
+    .. ',"worker":' .. cjson.encode(ARGV[1]) .. '}')
+local out = {'run', n, tonumber(r[6] or '0'), crashes}
+local cps = redis.call('HGETALL', KEYS[2])
+for i = 1, #cps do out[#out + 1] = cps[i] end
+return out

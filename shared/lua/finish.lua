@@ -1,0 +1,49 @@
+-- Record the end of an attempt, fenced by worker and attempt number.
+-- KEYS: run, steps
+-- ARGV: worker, attempt, run_status, attempt_status, output, error, traceback, run_ttl_s,
+--       retry_delay_ms
+-- run_status RETRYING schedules the next attempt; QUEUED hands the run back (shutdown).
+-- Returns {'ok', now} | {'terminal', status} | {'stale', status}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt')
+local function close_attempt()
+  local key = 'a:' .. ARGV[2]
+  local raw = redis.call('HGET', KEYS[1], key)
+  local rec
+  if raw then rec = cjson.decode(raw) else
+    rec = {number = tonumber(ARGV[2]), started_at = now, worker = ARGV[1]} end
+  rec.status = ARGV[4]
+  rec.finished_at = now
+  if ARGV[6] ~= '' then rec.error = ARGV[6] end
+  if ARGV[7] ~= '' then rec.traceback = ARGV[7] end
+  redis.call('HSET', KEYS[1], key, cjson.encode(rec))
+end
+local status = r[1]
+if not status then return {'stale', 'MISSING'} end
+if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
+  or status == 'TIMED_OUT' or status == 'EXPIRED' then
+  if r[3] == ARGV[2] and r[2] == ARGV[1] then close_attempt() end
+  return {'terminal', status}
+end
+if status ~= 'EXECUTING' or r[2] ~= ARGV[1] or r[3] ~= ARGV[2] then return {'stale', status} end
+close_attempt()
+local run_status = ARGV[3]
+if run_status == 'RETRYING' then
+  local at = now + tonumber(ARGV[9])
+  redis.call('HSET', KEYS[1], 'status', 'RETRYING', 'not_before', at, 'lease_until', 0,
+    'error', ARGV[6])
+  redis.call('HINCRBY', KEYS[1], 'failures', 1)
+  return {'ok', at}
+end
+if run_status == 'QUEUED' then
+  redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'lease_until', 0)
+  return {'ok', now}
+end
+redis.call('HSET', KEYS[1], 'status', run_status, 'finished_at', now, 'lease_until', 0)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[5]) end
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+if run_status == 'FAILED' then redis.call('HINCRBY', KEYS[1], 'failures', 1) end
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('EXPIRE', KEYS[2], ARGV[8])
+return {'ok', now}

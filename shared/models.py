@@ -1,0 +1,95 @@
+"""msgspec models: the wire message, the stored run and what the API returns."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+
+class RunStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    DELAYED = "DELAYED"
+    EXECUTING = "EXECUTING"
+    WAITING = "WAITING"
+    RETRYING = "RETRYING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    CRASHED = "CRASHED"
+    TIMED_OUT = "TIMED_OUT"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {
+        RunStatus.COMPLETED,
+        RunStatus.FAILED,
+        RunStatus.CANCELED,
+        RunStatus.CRASHED,
+        RunStatus.TIMED_OUT,
+        RunStatus.EXPIRED,
+    }
+)
+
+
+class RunMessage(msgspec.Struct, omit_defaults=True):
+    """The body of every message on a work queue (see docs/wire-format.md).
+
+    New fields must get defaults so that older and newer producers stay compatible.
+    """
+
+    task: str
+    payload: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"{}"))
+    id: str | None = None
+    idempotency_key: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+    # Epoch milliseconds before which the run must not start; set for delays and retries.
+    not_before: int | None = None
+
+
+class Attempt(msgspec.Struct, omit_defaults=True):
+    """One execution of a run: how it started and how it ended."""
+
+    number: int
+    status: str
+    started_at: int
+    worker: str = ""
+    finished_at: int | None = None
+    error: str | None = None
+    traceback: str | None = None
+
+
+class AttemptInfo(msgspec.Struct, frozen=True):
+    number: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    traceback: str | None
+    worker: str
+
+
+class Run(msgspec.Struct, frozen=True):
+    """A run as `Client.get_run` returns it."""
+
+    id: str
+    task_id: str
+    status: RunStatus
+    attempts: list[AttemptInfo]
+    payload: dict[str, Any]
+    output: Any
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    tags: list[str]
+    idempotency_key: str | None
+    queue: str
+    steps: list[str]

@@ -1,0 +1,72 @@
+"""Settings: the one place conveyor reads its environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigurationError
+from .names import check_name
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "conveyor"
+    max_payload_bytes: int = 1024 * 1024
+    idempotency_ttl: float = 24 * 3600.0
+    run_ttl: float = 7 * 24 * 3600.0
+    # A run's lease lives this long without a heartbeat; a dead worker's run is resumed after it.
+    lease_ttl: float = 10.0
+    # A running message is handed over to a delayed watchdog after this long, well before
+    # RabbitMQ's consumer_timeout (30 min by default) would close the channel.
+    handover_after: float = 600.0
+    shutdown_grace: float = 30.0
+    # Broker-side bound on deliveries of one message (quorum queue x-delivery-limit).
+    delivery_limit: int = 10
+    # A run whose worker died this many times ends CRASHED.
+    max_crashes: int = 3
+    publish_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_name("namespace", self.namespace)
+        for field in ("amqp_url", "redis_url"):
+            if not getattr(self, field):
+                raise ConfigurationError(f"{field} must not be empty")
+        for field in (
+            "max_payload_bytes",
+            "idempotency_ttl",
+            "run_ttl",
+            "lease_ttl",
+            "handover_after",
+            "publish_timeout",
+            "delivery_limit",
+            "max_crashes",
+        ):
+            if getattr(self, field) <= 0:
+                raise ConfigurationError(f"{field} must be positive, got {getattr(self, field)!r}")
+        if self.shutdown_grace < 0:
+            raise ConfigurationError("shutdown_grace must be zero or positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from CONVEYOR_* variables; keyword overrides that are not None win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in cls.__struct_fields__:
+            raw = env.get(f"CONVEYOR_{field.upper()}")
+            if raw is not None and raw != "":
+                values[field] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - set(cls.__struct_fields__)
+        if unknown:
+            raise ConfigurationError(f"unknown settings: {', '.join(sorted(unknown))}")
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(
+                f"invalid setting: {exc} (check the CONVEYOR_* variables)"
+            ) from exc

@@ -1,0 +1,309 @@
+"""The run state store: every read and write of run state in Redis.
+
+Writes that must be atomic are Lua scripts (see lua/); each call here is one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+
+from .keys import Keys
+from .models import Attempt, AttemptInfo, Run, RunStatus
+from .settings import Settings
+
+_attempt_decoder = msgspec.json.Decoder(Attempt)
+_tags_decoder = msgspec.json.Decoder(list[str])
+_any_decoder = msgspec.json.Decoder()
+
+
+def _lua(name: str) -> str:
+    return resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
+
+
+def _ms(value: bytes | None) -> datetime | None:
+    if value is None or value in (b"", b"0"):
+        return None
+    return datetime.fromtimestamp(int(float(value)) / 1000, tz=UTC)
+
+
+class NewRun(msgspec.Struct, frozen=True):
+    run_id: str
+    task_id: str
+    queue: str
+    payload: bytes
+    tags: list[str]
+    idempotency_key: str | None
+    delay_ms: int
+
+
+class Created(msgspec.Struct, frozen=True):
+    run_id: str
+    created: bool
+
+
+class Claim(msgspec.Struct, frozen=True):
+    kind: Literal["run", "drop", "busy", "early", "crashed"]
+    attempt: int = 0
+    failures: int = 0
+    crashes: int = 0
+    checkpoints: dict[str, bytes] = msgspec.field(default_factory=dict)
+    wait_ms: int = 0
+    detail: str = ""
+
+
+class Finish(msgspec.Struct, frozen=True):
+    kind: Literal["ok", "terminal", "stale"]
+    status: str = ""
+    at_ms: int = 0
+
+
+class StatusView(msgspec.Struct, frozen=True):
+    status: RunStatus
+    output: bytes | None
+    error: str | None
+
+
+class RunStore:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._create = redis.register_script(_lua("create"))
+        self._claim = redis.register_script(_lua("claim"))
+        self._finish = redis.register_script(_lua("finish"))
+        self._heartbeat = redis.register_script(_lua("heartbeat"))
+        self._cancel = redis.register_script(_lua("cancel"))
+        self._lease_ms = int(settings.lease_ttl * 1000)
+        self._run_ttl = str(int(settings.run_ttl))
+
+    # -- triggering ---------------------------------------------------------------------
+
+    async def create(self, runs: Sequence[NewRun]) -> list[Created]:
+        """Create runs in one round trip; an idempotency key that exists returns its run."""
+        idem_ttl = str(int(self.settings.idempotency_ttl * 1000))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run in runs:
+                idem = run.idempotency_key or ""
+                run_key = self.keys.run(run.run_id)
+                idem_key = self.keys.idempotency(run.task_id, idem) if idem else run_key
+                await self._create(
+                    keys=[run_key, idem_key, self.keys.runs_index],
+                    args=[
+                        run.run_id,
+                        run.task_id,
+                        run.queue,
+                        run.payload,
+                        msgspec.json.encode(run.tags),
+                        idem,
+                        idem_ttl,
+                        run.delay_ms,
+                    ],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [Created(reply[1].decode(), bool(reply[0])) for reply in replies]
+
+    async def abandon(self, runs: Sequence[NewRun], error: str) -> None:
+        """Mark runs whose message never reached the broker FAILED and free their keys."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run in runs:
+                pipe.hset(
+                    self.keys.run(run.run_id),
+                    mapping={"status": RunStatus.FAILED.value, "error": error},
+                )
+                pipe.expire(self.keys.run(run.run_id), int(self.settings.run_ttl))
+                if run.idempotency_key:
+                    pipe.delete(self.keys.idempotency(run.task_id, run.idempotency_key))
+            await pipe.execute()
+
+    # -- executing ----------------------------------------------------------------------
+
+    async def claim(
+        self,
+        run_id: str,
+        worker: str,
+        *,
+        task_id: str,
+        queue: str,
+        payload: bytes,
+        tags: list[str],
+        idempotency_key: str | None,
+    ) -> Claim:
+        reply = await self._claim(
+            keys=[self.keys.run(run_id), self.keys.steps(run_id), self.keys.runs_index],
+            args=[
+                worker,
+                self._lease_ms,
+                self.settings.max_crashes,
+                task_id,
+                queue,
+                payload,
+                msgspec.json.encode(tags),
+                idempotency_key or "",
+                self._run_ttl,
+            ],
+        )
+        kind = reply[0].decode()
+        if kind == "run":
+            flat = reply[4:]
+            checkpoints = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+            return Claim("run", int(reply[1]), int(reply[2]), int(reply[3]), checkpoints)
+        if kind in ("busy", "early"):
+            return Claim(kind, wait_ms=int(reply[1]))
+        return Claim(kind, detail=reply[1].decode())
+
+    async def checkpoint(self, run_id: str, step_key: str, value: bytes) -> None:
+        await self.redis.hset(self.keys.steps(run_id), step_key, value)
+
+    async def finish(
+        self,
+        run_id: str,
+        worker: str,
+        attempt: int,
+        *,
+        run_status: RunStatus,
+        attempt_status: str,
+        output: bytes = b"",
+        error: str = "",
+        traceback: str = "",
+        retry_delay_ms: int = 0,
+    ) -> Finish:
+        reply = await self._finish(
+            keys=[self.keys.run(run_id), self.keys.steps(run_id)],
+            args=[
+                worker,
+                attempt,
+                run_status.value,
+                attempt_status,
+                output,
+                error,
+                traceback,
+                self._run_ttl,
+                retry_delay_ms,
+            ],
+        )
+        kind = reply[0].decode()
+        if kind == "ok":
+            return Finish("ok", at_ms=int(reply[1]))
+        return Finish(kind, status=reply[1].decode())
+
+    async def heartbeat(self, leases: Sequence[tuple[str, int]], worker: str) -> list[str]:
+        """Renew the leases of (run_id, attempt) pairs; returns 'ok' or the status that ended it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id, attempt in leases:
+                await self._heartbeat(
+                    keys=[self.keys.run(run_id)],
+                    args=[worker, attempt, self._lease_ms],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [r.decode() for r in replies]
+
+    # -- reading and control ------------------------------------------------------------
+
+    async def cancel(self, run_id: str) -> str:
+        reply = await self._cancel(
+            keys=[self.keys.run(run_id), self.keys.steps(run_id)], args=[self._run_ttl]
+        )
+        previous: str = reply.decode()
+        if previous not in ("MISSING",) and not RunStatus(previous).is_terminal:
+            await self.redis.publish(self.keys.cancel_channel, run_id)
+        return previous
+
+    async def status(self, run_id: str) -> StatusView | None:
+        reply: list[Any] = await self.redis.hmget(
+            self.keys.run(run_id), ["status", "output", "error"]
+        )
+        status, output, error = reply
+        if status is None:
+            return None
+        return StatusView(RunStatus(status.decode()), output, error.decode() if error else None)
+
+    async def get(self, run_id: str) -> Run | None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.run(run_id))
+            pipe.hkeys(self.keys.steps(run_id))
+            fields, steps = await pipe.execute()
+        if not fields or b"status" not in fields:
+            return None
+        return _to_run(run_id, fields, sorted(s.decode() for s in steps))
+
+    async def list(
+        self, *, task_id: str | None = None, status: RunStatus | None = None, limit: int = 50
+    ) -> list[Run]:
+        """Newest first; filters are applied while paging through the index."""
+        found: list[Run] = []
+        start, page = 0, max(limit, 100)
+        while len(found) < limit:
+            ids: list[Any] = await self.redis.zrevrange(
+                self.keys.runs_index, start, start + page - 1
+            )
+            if not ids:
+                break
+            start += page
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for raw_id in ids:
+                    pipe.hmget(self.keys.run(raw_id.decode()), ["task", "status"])
+                heads = await pipe.execute()
+            gone = [raw_id for raw_id, head in zip(ids, heads, strict=True) if head[1] is None]
+            if gone:
+                await self.redis.zrem(self.keys.runs_index, *gone)
+            wanted = [
+                raw_id.decode()
+                for raw_id, (task, st) in zip(ids, heads, strict=True)
+                if st is not None
+                and (task_id is None or task == task_id.encode())
+                and (status is None or st == status.value.encode())
+            ]
+            for run_id in wanted[: limit - len(found)]:
+                run = await self.get(run_id)
+                if run is not None:
+                    found.append(run)
+        return found
+
+
+def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
+    attempts = sorted(
+        (_attempt_decoder.decode(v) for k, v in f.items() if k.startswith(b"a:")),
+        key=lambda a: a.number,
+    )
+    output_raw = f.get(b"output")
+    idem = f.get(b"idem", b"").decode()
+    error = f.get(b"error")
+    return Run(
+        id=run_id,
+        task_id=f[b"task"].decode(),
+        status=RunStatus(f[b"status"].decode()),
+        attempts=[
+            AttemptInfo(
+                number=a.number,
+                status=a.status,
+                started_at=_ms(str(a.started_at).encode()) or datetime.fromtimestamp(0, UTC),
+                finished_at=_ms(str(a.finished_at).encode()) if a.finished_at else None,
+                error=a.error,
+                traceback=a.traceback,
+                worker=a.worker,
+            )
+            for a in attempts
+        ],
+        payload=_any_decoder.decode(f.get(b"payload", b"{}")),
+        output=_any_decoder.decode(output_raw) if output_raw else None,
+        error=error.decode() if error else None,
+        created_at=_ms(f.get(b"created_at")) or datetime.fromtimestamp(0, UTC),
+        started_at=_ms(f.get(b"started_at")),
+        finished_at=_ms(f.get(b"finished_at")),
+        tags=_tags_decoder.decode(f.get(b"tags", b"[]")),
+        idempotency_key=idem or None,
+        queue=f.get(b"queue", b"").decode(),
+        steps=steps,
+    )
+
+
+def decode_any(raw: bytes) -> Any:
+    return _any_decoder.decode(raw)

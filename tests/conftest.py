@@ -1,0 +1,183 @@
+"""Fixtures: the real RabbitMQ and Redis, a fresh namespace per test, worker processes.
+
+Services come from CONVEYOR_AMQP_URL / CONVEYOR_REDIS_URL; where those are unset and a
+Docker engine answers, testcontainers starts them; otherwise the session fails with a
+message saying how to start them. Nothing is ever skipped for lack of a service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+
+from conveyor import Client, Settings
+from conveyor.broker.topology import Topology
+from conveyor.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Services:
+    def __init__(self, amqp_url: str, redis_url: str) -> None:
+        self.amqp_url = amqp_url
+        self.redis_url = redis_url
+
+
+def _docker_available() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    amqp = os.environ.get("CONVEYOR_AMQP_URL")
+    redis_url = os.environ.get("CONVEYOR_REDIS_URL")
+    if amqp and redis_url:
+        yield Services(amqp, redis_url)
+        return
+    if _docker_available():
+        from testcontainers.rabbitmq import RabbitMqContainer
+        from testcontainers.redis import RedisContainer
+
+        with (
+            RabbitMqContainer("rabbitmq:3.13-management") as rabbit,
+            RedisContainer("redis:7.2") as red,
+        ):
+            params = rabbit.get_connection_params()
+            amqp = f"amqp://guest:guest@{params.host}:{params.port}/"
+            redis_url = f"redis://{red.get_container_host_ip()}:{red.get_exposed_port(6379)}/0"
+            yield Services(amqp, redis_url)
+        return
+    pytest.exit(
+        "conveyor's tests need RabbitMQ and Redis: set CONVEYOR_AMQP_URL and CONVEYOR_REDIS_URL "
+        "(e.g. amqp://guest:guest@127.0.0.1:5672/ and redis://127.0.0.1:6379/0), or run a "
+        "Docker engine so testcontainers can start them. `./dev test` starts local servers.",
+        returncode=3,
+    )
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{secrets.token_hex(5)}"
+
+
+@pytest.fixture
+def settings(services: Services, namespace: str) -> Settings:
+    return Settings(
+        amqp_url=services.amqp_url,
+        redis_url=services.redis_url,
+        namespace=namespace,
+        lease_ttl=2.0,
+        shutdown_grace=5.0,
+        publish_timeout=30.0,
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client(settings=settings) as c:
+        yield c
+    await cleanup(settings)
+
+
+async def cleanup(settings: Settings) -> None:
+    """Delete every queue, exchange and key of the namespace."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topology = Topology(settings)
+        # Work queues are named after tasks; delete any the tests may have declared.
+        queues = await _work_queues(settings)
+        await topology.delete(channel, queues)
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{settings.namespace}:*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+    finally:
+        await r.aclose()
+
+
+async def _work_queues(settings: Settings) -> list[str]:
+    from conveyor import registered_tasks
+    from tests import tasks as test_tasks  # noqa: F401  (registers the tasks)
+
+    return sorted({t.queue for t in registered_tasks().values()} | {"unrouted"})
+
+
+@pytest.fixture
+async def worker(settings: Settings, client: Client) -> AsyncIterator[Worker]:
+    """An in-process worker running every task in tests/tasks.py."""
+    from tests import tasks as test_tasks
+
+    w = Worker(test_tasks.ALL, settings=settings, concurrency=20)
+    await w.start()
+    yield w
+    await w.shutdown()
+
+
+class WorkerProcess:
+    """A real `conveyor worker` process for fault tests (killed with SIGKILL)."""
+
+    def __init__(self, settings: Settings, *extra: str, env: dict[str, str] | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.update(
+            CONVEYOR_AMQP_URL=settings.amqp_url,
+            CONVEYOR_REDIS_URL=settings.redis_url,
+            CONVEYOR_NAMESPACE=settings.namespace,
+            CONVEYOR_LEASE_TTL=str(settings.lease_ttl),
+            CONVEYOR_SHUTDOWN_GRACE=str(settings.shutdown_grace),
+            PYTHONPATH=str(ROOT),
+        )
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "worker", "tests.tasks", *extra],
+            env=full_env,
+            cwd=str(ROOT),
+        )
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def spawn_worker(settings: Settings) -> Iterator[Any]:
+    procs: list[WorkerProcess] = []
+
+    def spawn(*extra: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        p = WorkerProcess(settings, *extra, env=env)
+        procs.append(p)
+        return p
+
+    yield spawn
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+async def eventually(check: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll an async predicate until it returns a truthy value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+        await asyncio.sleep(interval)

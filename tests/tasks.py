@@ -1,0 +1,191 @@
+"""Tasks the tests run, in-process and in worker processes (`conveyor worker tests.tasks`).
+
+Task code records what it did in Redis under the run's namespace so that tests can count
+executions across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from datetime import datetime
+
+import msgspec
+import redis.asyncio as aioredis
+
+from conveyor import NonRetryableError, Retry, current_run, run_step, step, task
+
+
+class Point(msgspec.Struct):
+    x: int
+    y: int
+
+
+@dataclasses.dataclass
+class Box:
+    label: str
+    created: datetime
+
+
+_redis: dict[int, aioredis.Redis] = {}
+
+
+def _r() -> aioredis.Redis:
+    loop = id(asyncio.get_running_loop())
+    if loop not in _redis:
+        _redis[loop] = aioredis.Redis.from_url(
+            os.environ.get("CONVEYOR_REDIS_URL", "redis://127.0.0.1:6379/0")
+        )
+    return _redis[loop]
+
+
+async def record(event: str) -> None:
+    """Append an event to the run's trace list (namespace-prefixed, cleaned up by tests)."""
+    run = current_run()
+    key = trace_key(run.id)
+    async with _r().pipeline(transaction=False) as pipe:
+        pipe.rpush(key, f"{event}@{run.attempt}")
+        pipe.expire(key, 600)
+        await pipe.execute()
+
+
+def trace_key(run_id: str) -> str:
+    return f"conveyor-test:trace:{run_id}"
+
+
+@task(id="echo", retry=Retry(max_attempts=1))
+async def echo(value: str, times: int = 1) -> str:
+    return value * times
+
+
+@task(id="noop", retry=Retry(max_attempts=1))
+async def noop() -> None:
+    return None
+
+
+@step()
+async def make_point(x: int) -> Point:
+    await record("make_point")
+    return Point(x, x * 2)
+
+
+@step()
+async def make_box(label: str) -> Box:
+    await record("make_box")
+    return Box(label, datetime(2026, 1, 2, 3, 4, 5))
+
+
+@step()
+async def make_bytes(n: int) -> bytes:
+    await record("make_bytes")
+    return bytes(range(n))
+
+
+@task(id="typed-steps", retry=Retry(max_attempts=2, min_delay=0.1, jitter=False))
+async def typed_steps(fail_first: bool = True) -> dict[str, str]:
+    point = await make_point(3)
+    box = await make_box("b")
+    raw = await make_bytes(4)
+    assert isinstance(point, Point) and isinstance(box, Box) and isinstance(raw, bytes)
+    assert isinstance(box.created, datetime)
+    if fail_first and current_run().attempt == 1:
+        raise RuntimeError("transient")
+    return {"point": f"{point.x},{point.y}", "box": box.label, "bytes": raw.hex()}
+
+
+@task(
+    id="flaky", retry=Retry(max_attempts=4, min_delay=0.5, factor=2.0, max_delay=10, jitter=False)
+)
+async def flaky(succeed_on: int) -> int:
+    await record("flaky")
+    if current_run().attempt < succeed_on:
+        raise RuntimeError(f"attempt {current_run().attempt} fails")
+    return current_run().attempt
+
+
+@task(id="fatal", retry=Retry(max_attempts=5, min_delay=0.1))
+async def fatal() -> None:
+    await record("fatal")
+    raise NonRetryableError("this cannot work")
+
+
+@step()
+async def slow_step(name: str, seconds: float) -> str:
+    await record(f"{name}:start")
+    await asyncio.sleep(seconds)
+    await record(f"{name}:end")
+    return name
+
+
+@task(id="three-steps", retry=Retry(max_attempts=3, min_delay=0.1))
+async def three_steps(seconds: float = 1.0) -> list[str]:
+    a = await slow_step("s1", 0.05)
+    b = await slow_step("s2", seconds)
+    c = await slow_step("s3", 0.05)
+    return [a, b, c]
+
+
+@task(id="sleeper", retry=Retry(max_attempts=1))
+async def sleeper(seconds: float) -> str:
+    await record("sleeper:start")
+    await asyncio.sleep(seconds)
+    await record("sleeper:end")
+    return "slept"
+
+
+@task(id="limited", max_duration=0.5, retry=Retry(max_attempts=3))
+async def limited(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "done"
+
+
+@task(id="poison", retry=Retry(max_attempts=5))
+async def poison() -> None:
+    await record("poison")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task(id="bad-output", retry=Retry(max_attempts=3))
+async def bad_output() -> object:
+    return object()
+
+
+@step()
+async def bad_step() -> object:
+    return object()
+
+
+@task(id="bad-step", retry=Retry(max_attempts=3))
+async def bad_step_task() -> None:
+    await bad_step()
+
+
+@task(id="gather-steps", retry=Retry(max_attempts=2, min_delay=0.1, jitter=False))
+async def gather_steps(n: int) -> list[int]:
+    async def square(i: int) -> int:
+        await record(f"square{i}")
+        await asyncio.sleep(0.01 * (n - i))
+        return i * i
+
+    values = await asyncio.gather(*(run_step("square", square, i) for i in range(n)))
+    if current_run().attempt == 1:
+        raise RuntimeError("retry to replay")
+    return list(values)
+
+
+ALL = [
+    echo,
+    noop,
+    typed_steps,
+    flaky,
+    fatal,
+    three_steps,
+    sleeper,
+    limited,
+    poison,
+    bad_output,
+    bad_step_task,
+    gather_steps,
+]

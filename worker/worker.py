@@ -1,0 +1,358 @@
+"""The worker: consumes run messages, executes attempts, and acks only durable outcomes.
+
+Per message: decode strictly, claim the run in Redis (one script: drop, defer, or start an
+attempt with a lease and the checkpoints), run the task, write the outcome (one script),
+publish a retry if one is due, then ack. A worker killed mid-run leaves the message
+unacked; RabbitMQ redelivers it and the next worker resumes from the checkpoints once the
+dead worker's lease has run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aio_pika
+import msgspec
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from conveyor._task import Task, registered_tasks
+from conveyor.broker.publisher import Outgoing, Publisher
+from conveyor.broker.topology import Topology
+from conveyor.shared.context import RunContext, RunInfo
+from conveyor.shared.errors import ConfigurationError
+from conveyor.shared.ids import new_run_id
+from conveyor.shared.models import RunMessage, RunStatus
+from conveyor.shared.settings import Settings
+from conveyor.shared.store import RunStore
+
+from .execution import Execution, run_attempt
+from .supervision import Supervisor
+
+log = logging.getLogger("conveyor.worker")
+
+_decoder = msgspec.json.Decoder(RunMessage)
+_encoder = msgspec.json.Encoder()
+
+# A message for a task this worker does not know is requeued this many times (another
+# worker may know it) before it is dead-lettered.
+UNKNOWN_TASK_DELIVERIES = 3
+# Deferred messages come back this much after the moment they wait for.
+DEFER_MARGIN_MS = 50
+
+
+class Worker:
+    """Runs tasks from the given queues until stopped (SIGTERM in the CLI)."""
+
+    def __init__(
+        self,
+        tasks: Mapping[str, Task[Any, Any]] | Sequence[Task[Any, Any]] | None = None,
+        *,
+        concurrency: int = 100,
+        queues: Sequence[str] | None = None,
+        settings: Settings | None = None,
+        amqp_url: str | None = None,
+        redis_url: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        if tasks is None:
+            tasks = registered_tasks()
+        self.tasks = dict(tasks) if isinstance(tasks, Mapping) else {t.id: t for t in tasks}
+        if not self.tasks:
+            raise ConfigurationError("no tasks to run: import the modules that define them")
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        self.settings = settings or Settings.from_env(
+            amqp_url=amqp_url, redis_url=redis_url, namespace=namespace
+        )
+        self.queues = list(queues) if queues else sorted({t.queue for t in self.tasks.values()})
+        self.concurrency = concurrency
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            self.settings.redis_url, max_connections=concurrency + 16
+        )
+        self.store = RunStore(self.redis, self.settings)
+        self.topology = Topology(self.settings)
+        self.publisher = Publisher(self.settings, self.topology)
+        self.inflight: dict[str, Execution] = {}
+        self._slots = asyncio.Semaphore(concurrency)
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._supervisor = Supervisor(self)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def run(self) -> None:
+        """Start, work until stop() is called, then shut down gracefully."""
+        await self.start()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def start(self) -> None:
+        await self._check_redis()
+        self._connection = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"conveyor-worker:{self.id}"},
+        )
+        await self.publisher.connect(self._connection)
+        channel = await self._connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=self.concurrency)
+        for name in self.queues:
+            queue = await self.topology.declare_queue(channel, name)
+            tag = await queue.consume(functools.partial(self._on_message, name))
+            self._consumers.append((queue, tag))  # strong refs: restored after reconnects
+        self._supervisor.start()
+        log.info(
+            "worker %s consuming %s in namespace %r (concurrency %d)",
+            self.id,
+            ", ".join(self.queues),
+            self.settings.namespace,
+            self.concurrency,
+        )
+
+    async def shutdown(self) -> None:
+        """Stop consuming, let running attempts finish within the grace period, hand the
+        rest back, return prefetched messages, close connections."""
+        self._stopping.set()
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # the channel may already be gone
+                log.debug("cancel consumer %s: %r", tag, exc)
+        self._consumers.clear()
+        running = [t for t in self._handlers if not t.done()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=self.settings.shutdown_grace)
+            if pending:
+                log.warning("grace period over: handing %d runs back", len(self.inflight))
+                for execution in list(self.inflight.values()):
+                    execution.stop("shutdown")
+                await asyncio.wait(pending, timeout=10)
+        await self._supervisor.stop()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        await self.redis.aclose()
+
+    # -- messages -----------------------------------------------------------------------
+
+    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            if self._stopping.is_set():
+                await _settle(message.nack(requeue=True))
+                return
+            async with self._slots:
+                if self._stopping.is_set():
+                    await _settle(message.nack(requeue=True))
+                    return
+                await self._handle(queue, message)
+        except Exception:
+            log.exception("unexpected error handling a message; it will be redelivered")
+            await _settle(message.nack(requeue=True))
+        finally:
+            self._handlers.discard(handler)
+
+    async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
+        body = message.body
+        limit = self.settings.max_payload_bytes
+        if len(body) > limit + 64 * 1024:
+            await self._dead_letter(
+                message, queue, f"message of {len(body)} bytes is over the limit"
+            )
+            return
+        try:
+            msg = _decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            await self._dead_letter(message, queue, f"invalid message body: {exc}")
+            return
+        payload = bytes(msg.payload)
+        if not payload.lstrip().startswith(b"{"):
+            await self._dead_letter(
+                message, queue, "invalid message body: payload must be a JSON object"
+            )
+            return
+        if len(payload) > limit:
+            await self._dead_letter(
+                message, queue, f"payload of {len(payload)} bytes is over the limit of {limit}"
+            )
+            return
+        task = self.tasks.get(msg.task)
+        if task is None:
+            deliveries = (message.headers or {}).get("x-delivery-count")
+            deliveries = deliveries if isinstance(deliveries, int) else 0
+            if deliveries + 1 >= UNKNOWN_TASK_DELIVERIES:
+                await self._dead_letter(message, queue, f"unknown task {msg.task!r}")
+            else:
+                await _settle(message.nack(requeue=True))
+            return
+        if msg.id is None:
+            msg.id = message.message_id or new_run_id()
+        if msg.not_before is not None:
+            early = msg.not_before - int(time.time() * 1000)
+            if early > DEFER_MARGIN_MS:
+                await self._defer(message, msg, queue, early)
+                return
+        claim = await self.store.claim(
+            msg.id,
+            self.id,
+            task_id=msg.task,
+            queue=queue,
+            payload=payload,
+            tags=msg.tags,
+            idempotency_key=msg.idempotency_key,
+        )
+        if claim.kind == "drop":
+            await _settle(message.ack())
+        elif claim.kind in ("busy", "early"):
+            await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)
+        elif claim.kind == "crashed":
+            await self._dead_letter(message, queue, claim.detail, run_id=msg.id)
+        else:
+            await self._execute(
+                message, msg, task, queue, payload, claim.attempt, claim.failures, claim.checkpoints
+            )
+
+    async def _execute(
+        self,
+        message: AbstractIncomingMessage,
+        msg: RunMessage,
+        task: Task[Any, Any],
+        queue: str,
+        payload: bytes,
+        attempt: int,
+        failures: int,
+        checkpoints: dict[str, bytes],
+    ) -> None:
+        run_id = msg.id
+        assert run_id is not None
+        ctx = RunContext(RunInfo(run_id, task.id, attempt), self.store, checkpoints)
+        execution = Execution(run_id, attempt, task.id, queue, message)
+        self.inflight[run_id] = execution
+        try:
+            outcome = await run_attempt(task, payload, ctx, failures, execution)
+            result = await self.store.finish(
+                run_id,
+                self.id,
+                attempt,
+                run_status=outcome.run_status,
+                attempt_status=outcome.attempt_status,
+                output=outcome.output,
+                error=outcome.error,
+                traceback=outcome.traceback,
+                retry_delay_ms=outcome.retry_delay_ms,
+            )
+            if result.kind == "ok" and outcome.run_status is RunStatus.RETRYING:
+                msg.not_before = result.at_ms
+                await self.publisher.publish(
+                    [
+                        Outgoing(
+                            queue,
+                            _encoder.encode(msg),
+                            message_id=run_id,
+                            delay_ms=outcome.retry_delay_ms,
+                        )
+                    ]
+                )
+        finally:
+            execution.done = True
+            self.inflight.pop(run_id, None)
+        if execution.handed_over:
+            return
+        if outcome.requeue:
+            await _settle(message.nack(requeue=True))
+        else:
+            await _settle(message.ack())
+
+    async def _defer(
+        self, message: AbstractIncomingMessage, msg: RunMessage, queue: str, delay_ms: int
+    ) -> None:
+        """Send the message round the delay ladder and ack this copy: nothing waits here."""
+        run_id = msg.id
+        await self.publisher.publish(
+            [Outgoing(queue, _encoder.encode(msg), message_id=run_id, delay_ms=max(delay_ms, 1))]
+        )
+        await _settle(message.ack())
+
+    async def hand_over(self, execution: Execution) -> None:
+        """Replace a long-running run's unacked message by a delayed watchdog copy, so
+        RabbitMQ's consumer_timeout never fires; the lease keeps the run ours meanwhile."""
+        message = execution.message
+        msg = _decoder.decode(message.body)
+        msg.id = execution.run_id
+        msg.not_before = None
+        delay_ms = int(self.settings.lease_ttl * 1000) + DEFER_MARGIN_MS
+        await self.publisher.publish(
+            [
+                Outgoing(
+                    execution.queue,
+                    _encoder.encode(msg),
+                    message_id=execution.run_id,
+                    delay_ms=delay_ms,
+                )
+            ]
+        )
+        execution.handed_over = True
+        await _settle(message.ack())
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        queue: str,
+        reason: str,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        log.warning("dead-lettering a message from queue %r: %s", queue, reason)
+        headers = dict(message.headers or {})
+        if run_id:
+            headers["x-conveyor-run-id"] = run_id
+        await self.publisher.dead_letter(message.body, queue, reason, headers)
+        await _settle(message.ack())
+
+    async def _check_redis(self) -> None:
+        try:
+            config: dict[Any, Any] = await self.redis.config_get("appendonly")
+            config.update(await self.redis.config_get("maxmemory-policy"))
+        except Exception:  # managed Redis often forbids CONFIG
+            return
+        if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
+            log.warning("Redis has appendonly=no: run state can be lost on a Redis restart")
+        policy = config.get(b"maxmemory-policy", config.get("maxmemory-policy"))
+        if policy not in (b"noeviction", "noeviction"):
+            log.warning(
+                "Redis maxmemory-policy is %r; use noeviction so run state is never evicted", policy
+            )
+
+
+async def _settle(action: Any) -> None:
+    """Ack or nack; a channel from before a reconnect cannot, and the broker has already
+    requeued that message, so the failure is harmless."""
+    try:
+        await action
+    except Exception as exc:
+        log.debug("could not settle a message: %r", exc)
