@@ -5,9 +5,9 @@ Writes that must be atomic are Lua scripts (see lua/); each call here is one rou
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any, Literal
 
 import msgspec
@@ -15,15 +15,12 @@ import redis.asyncio as aioredis
 
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunStatus
+from .scripts import Scripts
 from .settings import Settings
 
 _attempt_decoder = msgspec.json.Decoder(Attempt)
 _tags_decoder = msgspec.json.Decoder(list[str])
 _any_decoder = msgspec.json.Decoder()
-
-
-def _lua(name: str) -> str:
-    return resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
 
 
 def _ms(value: bytes | None) -> datetime | None:
@@ -48,7 +45,7 @@ class Created(msgspec.Struct, frozen=True):
 
 
 class Claim(msgspec.Struct, frozen=True):
-    kind: Literal["run", "drop", "busy", "early", "crashed"]
+    kind: Literal["run", "drop", "busy", "early", "crashed", "missing"]
     attempt: int = 0
     failures: int = 0
     crashes: int = 0
@@ -74,11 +71,7 @@ class RunStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self._create = redis.register_script(_lua("create"))
-        self._claim = redis.register_script(_lua("claim"))
-        self._finish = redis.register_script(_lua("finish"))
-        self._heartbeat = redis.register_script(_lua("heartbeat"))
-        self._cancel = redis.register_script(_lua("cancel"))
+        self.scripts = Scripts(redis, ["create", "claim", "finish", "heartbeat", "cancel"])
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._run_ttl = str(int(settings.run_ttl))
 
@@ -87,14 +80,16 @@ class RunStore:
     async def create(self, runs: Sequence[NewRun]) -> list[Created]:
         """Create runs in one round trip; an idempotency key that exists returns its run."""
         idem_ttl = str(int(self.settings.idempotency_ttl * 1000))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for run in runs:
-                idem = run.idempotency_key or ""
-                run_key = self.keys.run(run.run_id)
-                idem_key = self.keys.idempotency(run.task_id, idem) if idem else run_key
-                await self._create(
-                    keys=[run_key, idem_key, self.keys.runs_index],
-                    args=[
+        calls = []
+        for run in runs:
+            idem = run.idempotency_key or ""
+            run_key = self.keys.run(run.run_id)
+            idem_key = self.keys.idempotency(run.task_id, idem) if idem else run_key
+            calls.append(
+                self.scripts.call(
+                    "create",
+                    [run_key, idem_key, self.keys.runs_index],
+                    [
                         run.run_id,
                         run.task_id,
                         run.queue,
@@ -104,9 +99,9 @@ class RunStore:
                         idem_ttl,
                         run.delay_ms,
                     ],
-                    client=pipe,
                 )
-            replies = await pipe.execute()
+            )
+        replies = await asyncio.gather(*calls)
         return [Created(reply[1].decode(), bool(reply[0])) for reply in replies]
 
     async def abandon(self, runs: Sequence[NewRun], error: str) -> None:
@@ -124,30 +119,11 @@ class RunStore:
 
     # -- executing ----------------------------------------------------------------------
 
-    async def claim(
-        self,
-        run_id: str,
-        worker: str,
-        *,
-        task_id: str,
-        queue: str,
-        payload: bytes,
-        tags: list[str],
-        idempotency_key: str | None,
-    ) -> Claim:
-        reply = await self._claim(
-            keys=[self.keys.run(run_id), self.keys.steps(run_id), self.keys.runs_index],
-            args=[
-                worker,
-                self._lease_ms,
-                self.settings.max_crashes,
-                task_id,
-                queue,
-                payload,
-                msgspec.json.encode(tags),
-                idempotency_key or "",
-                self._run_ttl,
-            ],
+    async def claim(self, run_id: str, worker: str) -> Claim:
+        reply = await self.scripts.call(
+            "claim",
+            [self.keys.run(run_id), self.keys.steps(run_id)],
+            [worker, self._lease_ms, self.settings.max_crashes, self._run_ttl],
         )
         kind = reply[0].decode()
         if kind == "run":
@@ -156,6 +132,8 @@ class RunStore:
             return Claim("run", int(reply[1]), int(reply[2]), int(reply[3]), checkpoints)
         if kind in ("busy", "early"):
             return Claim(kind, wait_ms=int(reply[1]))
+        if kind == "missing":
+            return Claim("missing")
         return Claim(kind, detail=reply[1].decode())
 
     async def checkpoint(self, run_id: str, step_key: str, value: bytes) -> None:
@@ -174,9 +152,10 @@ class RunStore:
         traceback: str = "",
         retry_delay_ms: int = 0,
     ) -> Finish:
-        reply = await self._finish(
-            keys=[self.keys.run(run_id), self.keys.steps(run_id)],
-            args=[
+        reply = await self.scripts.call(
+            "finish",
+            [self.keys.run(run_id), self.keys.steps(run_id)],
+            [
                 worker,
                 attempt,
                 run_status.value,
@@ -195,21 +174,21 @@ class RunStore:
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], worker: str) -> list[str]:
         """Renew the leases of (run_id, attempt) pairs; returns 'ok' or the status that ended it."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for run_id, attempt in leases:
-                await self._heartbeat(
-                    keys=[self.keys.run(run_id)],
-                    args=[worker, attempt, self._lease_ms],
-                    client=pipe,
+        replies = await asyncio.gather(
+            *(
+                self.scripts.call(
+                    "heartbeat", [self.keys.run(run_id)], [worker, attempt, self._lease_ms]
                 )
-            replies = await pipe.execute()
+                for run_id, attempt in leases
+            )
+        )
         return [r.decode() for r in replies]
 
     # -- reading and control ------------------------------------------------------------
 
     async def cancel(self, run_id: str) -> str:
-        reply = await self._cancel(
-            keys=[self.keys.run(run_id), self.keys.steps(run_id)], args=[self._run_ttl]
+        reply = await self.scripts.call(
+            "cancel", [self.keys.run(run_id), self.keys.steps(run_id)], [self._run_ttl]
         )
         previous: str = reply.decode()
         if previous not in ("MISSING",) and not RunStatus(previous).is_terminal:

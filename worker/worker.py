@@ -32,7 +32,7 @@ from conveyor.shared.errors import ConfigurationError
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.settings import Settings
-from conveyor.shared.store import RunStore
+from conveyor.shared.store import NewRun, RunStore
 
 from .execution import Execution, run_attempt
 from .supervision import Supervisor
@@ -217,16 +217,18 @@ class Worker:
             if early > DEFER_MARGIN_MS:
                 await self._defer(message, msg, queue, early)
                 return
-        claim = await self.store.claim(
-            msg.id,
-            self.id,
-            task_id=msg.task,
-            queue=queue,
-            payload=payload,
-            tags=msg.tags,
-            idempotency_key=msg.idempotency_key,
-        )
-        if claim.kind == "drop":
+        claim = await self.store.claim(msg.id, self.id)
+        if claim.kind == "missing":
+            # Triggered straight through the broker (wire format): the run starts here.
+            [created] = await self.store.create(
+                [NewRun(msg.id, msg.task, queue, payload, msg.tags, msg.idempotency_key, 0)]
+            )
+            if created.run_id != msg.id:
+                log.info("run %s: idempotency key already used by %s", msg.id, created.run_id)
+                await _settle(message.ack())
+                return
+            claim = await self.store.claim(msg.id, self.id)
+        if claim.kind in ("drop", "missing"):
             await _settle(message.ack())
         elif claim.kind in ("busy", "early"):
             await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)

@@ -1,22 +1,14 @@
 -- Decide what a delivered message means for its run, and start an attempt if it may run.
--- KEYS: run, steps, runs index
--- ARGV: worker, lease_ms, max_crashes, task, queue, payload, tags, idem_key, run_ttl_s
+-- KEYS: run, steps
+-- ARGV: worker, lease_ms, max_crashes, run_ttl_s
 -- Returns {'run', attempt, failures, crashes, checkpoints...} | {'drop', status}
---       | {'busy', ms} | {'early', ms} | {'crashed', reason}
+--       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
   'crashes', 'failures', 'worker', 'started_at')
 local status = r[1]
-if not status then
-  -- A trigger published straight to the broker (wire format): the run starts here.
-  redis.call('HSET', KEYS[1], 'task', ARGV[4], 'queue', ARGV[5], 'status', 'QUEUED',
-    'payload', ARGV[6], 'tags', ARGV[7], 'idem', ARGV[8], 'created_at', now,
-    'attempt', 0, 'failures', 0, 'crashes', 0)
-  redis.call('ZADD', KEYS[3], now, string.match(KEYS[1], '{(.*)}'))
-  status = 'QUEUED'
-  r = {status, false, false, '0', '0', '0', false, false}
-end
+if not status then return {'missing'} end
 if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
   or status == 'TIMED_OUT' or status == 'EXPIRED' then
   return {'drop', status}
@@ -40,8 +32,8 @@ if status == 'EXECUTING' then
   if crashes >= tonumber(ARGV[3]) then
     local reason = 'the worker running this run died ' .. crashes .. ' times; giving up'
     redis.call('HSET', KEYS[1], 'status', 'CRASHED', 'finished_at', now, 'error', reason)
-    redis.call('EXPIRE', KEYS[1], ARGV[9])
-    redis.call('EXPIRE', KEYS[2], ARGV[9])
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    redis.call('EXPIRE', KEYS[2], ARGV[4])
     return {'crashed', reason}
   end
 end
