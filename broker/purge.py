@@ -1,0 +1,50 @@
+"""Remove everything one namespace holds in RabbitMQ and Redis.
+
+For tests, demos and tear-down tools that work in a namespace of their own. Work queues
+are named after task queues, which RabbitMQ cannot list without its management plugin, so
+the caller names them; the queues recorded in the namespace's runs are added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import aio_pika
+import redis.asyncio as aioredis
+
+from conveyor.shared.keys import Keys
+from conveyor.shared.settings import Settings
+
+from .topology import Topology
+
+
+async def purge_namespace(settings: Settings, queues: Iterable[str] = ()) -> None:
+    """Delete the namespace's exchanges, delay ladder, dead-letter queue, the given work
+    queues and those its runs name, then every Redis key of the namespace."""
+    keys = Keys(settings.namespace)
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        names = set(queues) | await _queues_of_runs(r, keys)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await Topology(settings).delete(channel, sorted(names))
+        doomed = [k async for k in r.scan_iter(match=keys.pattern(), count=1000)]
+        for start in range(0, len(doomed), 1000):
+            await r.delete(*doomed[start : start + 1000])
+    finally:
+        await r.aclose()
+
+
+async def _queues_of_runs(r: aioredis.Redis, keys: Keys) -> set[str]:
+    found: set[str] = set()
+    run_keys = [k async for k in r.scan_iter(match=keys.run("*"), count=1000)]
+    if not run_keys:
+        return found
+    async with r.pipeline(transaction=False) as pipe:
+        for key in run_keys:
+            pipe.hget(key, "queue")
+        replies: list[Any] = await pipe.execute()
+    found.update(q.decode() for q in replies if q)
+    return found
