@@ -16,6 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from conveyor import NonRetryableError, Retry, current_run, run_step, step, task
+from conveyor.shared.context import current_context
 
 
 class Point(msgspec.Struct):
@@ -45,7 +46,10 @@ async def record(event: str) -> None:
     """Append an event to the run's trace list (namespace-prefixed, cleaned up by tests)."""
     run = current_run()
     key = trace_key(run.id)
-    async with _r().pipeline(transaction=False) as pipe:
+    # The worker's own Redis (from its settings), so traces land where the run state is.
+    ctx = current_context()
+    redis = ctx.store.redis if ctx is not None else _r()
+    async with redis.pipeline(transaction=False) as pipe:
         pipe.rpush(key, f"{event}@{run.attempt}")
         pipe.expire(key, 600)
         await pipe.execute()
@@ -175,6 +179,18 @@ async def gather_steps(n: int) -> list[int]:
     return list(values)
 
 
+@task(id="crash-after-steps", retry=Retry(max_attempts=3, min_delay=0.1))
+async def crash_after_steps() -> list[str]:
+    """Kills its worker on attempt 1 after the last checkpoint, before the outcome and ack."""
+    a = await slow_step("s1", 0.01)
+    b = await slow_step("s2", 0.01)
+    c = await slow_step("s3", 0.01)
+    await record("body-end")
+    if current_run().attempt == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [a, b, c]
+
+
 ALL = [
     echo,
     noop,
@@ -188,4 +204,79 @@ ALL = [
     bad_output,
     bad_step_task,
     gather_steps,
+    crash_after_steps,
 ]
+
+
+# -- steps, retries and trigger options (test_steps, test_retries, test_trigger_options) ----
+
+
+@task(id="whoami", retry=Retry(max_attempts=1))
+async def whoami() -> dict[str, str | int]:
+    run = current_run()
+    return {"id": run.id, "task_id": run.task_id, "attempt": run.attempt}
+
+
+@step(retry=Retry(max_attempts=3, min_delay=0.05, factor=1.0, jitter=False))
+async def shaky_step(fail_times: int) -> str:
+    """Fails its first `fail_times` calls in a run; the step's own retry absorbs them."""
+    await record("shaky")
+    calls = int(await _r().llen(trace_key(current_run().id)))
+    if calls <= fail_times:
+        raise RuntimeError(f"shaky call {calls} fails")
+    return f"ok after {calls}"
+
+
+@task(id="step-retry", retry=Retry(max_attempts=1))
+async def step_retry(fail_times: int) -> str:
+    return await shaky_step(fail_times)
+
+
+# Calls of the sync step per run id; only meaningful with the in-process worker fixture.
+sync_calls: dict[str, int] = {}
+
+
+def scale_point(x: int) -> Point:
+    run_id = current_run().id
+    sync_calls[run_id] = sync_calls.get(run_id, 0) + 1
+    return Point(x, x * 10)
+
+
+@task(id="sync-step", retry=Retry(max_attempts=2, min_delay=0.1, jitter=False))
+async def sync_step(x: int) -> dict[str, int]:
+    point = await run_step("scale", scale_point, x)
+    if not isinstance(point, Point):
+        raise NonRetryableError(f"the checkpoint came back as {type(point).__name__}")
+    if current_run().attempt == 1:
+        raise RuntimeError("retry to replay")
+    return {"x": point.x, "y": point.y, "calls": sync_calls.get(current_run().id, 0)}
+
+
+@task(id="always-fails", retry=Retry(max_attempts=3, min_delay=0.1, jitter=False))
+async def always_fails() -> None:
+    await record("always-fails")
+    raise RuntimeError(f"attempt {current_run().attempt} fails")
+
+
+# Delays 0.7 s and 1.5 s take three and four hops of the delay ladder (7 = 0b111 and
+# 15 = 0b1111 units of 100 ms); the third delay (0.7 * (15/7)**2 s) is capped at 1.5 s.
+@task(
+    id="ladder",
+    retry=Retry(max_attempts=4, min_delay=0.7, factor=15 / 7, max_delay=1.5, jitter=False),
+)
+async def ladder(succeed_on: int) -> int:
+    if current_run().attempt < succeed_on:
+        raise RuntimeError(f"attempt {current_run().attempt} fails")
+    return current_run().attempt
+
+
+@task(
+    id="jittery", retry=Retry(max_attempts=3, min_delay=0.5, factor=2.0, max_delay=10, jitter=True)
+)
+async def jittery(succeed_on: int) -> int:
+    if current_run().attempt < succeed_on:
+        raise RuntimeError(f"attempt {current_run().attempt} fails")
+    return current_run().attempt
+
+
+ALL += [whoami, step_retry, sync_step, always_fails, ladder, jittery]

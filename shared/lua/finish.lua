@@ -43,6 +43,8 @@ end
 redis.call('HSET', KEYS[1], 'status', run_status, 'finished_at', now, 'lease_until', 0)
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+-- The run's error says why it ended: an earlier attempt's error stays on that attempt only.
+if run_status == 'COMPLETED' then redis.call('HDEL', KEYS[1], 'error') end
 if run_status == 'FAILED' then redis.call('HINCRBY', KEYS[1], 'failures', 1) end
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[8])
