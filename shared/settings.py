@@ -57,8 +57,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for field in cls.__struct_fields__:
-            raw = env.get(f"CONVEYOR_{field.upper()}")
+            variable = f"CONVEYOR_{field.upper()}"
+            raw = env.get(variable)
             if raw is not None and raw != "":
+                # Checked one at a time so that the error names the variable to fix.
+                try:
+                    msgspec.convert({field: raw}, cls, strict=False)
+                except (msgspec.ValidationError, ConfigurationError) as exc:
+                    raise ConfigurationError(f"{variable}={raw!r} is not valid: {exc}") from exc
                 values[field] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - set(cls.__struct_fields__)

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 import redis.asyncio as aioredis
 
 from conveyor import Client, Settings
-from conveyor.broker.topology import Topology
+from conveyor.broker.purge import purge_namespace
+from conveyor.shared.keys import Keys
 from conveyor.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,19 +93,23 @@ async def client(settings: Settings) -> AsyncIterator[Client]:
 
 
 async def cleanup(settings: Settings) -> None:
-    """Delete every queue, exchange and key of the namespace."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology(settings)
-        # Work queues are named after tasks; delete any the tests may have declared.
-        queues = await _work_queues(settings)
-        await topology.delete(channel, queues)
+    """Delete every queue, exchange and key of the namespace, and the trace lists of
+    its runs (tests/tasks.py `record()`), which are keyed by run id alone."""
+    await _delete_traces(settings)
+    # Work queues are named after tasks; delete any the tests may have declared.
+    await purge_namespace(settings, await _work_queues(settings))
+
+
+async def _delete_traces(settings: Settings) -> None:
+    from tests.tasks import trace_key
+
     r = aioredis.Redis.from_url(settings.redis_url)
     try:
-        keys = [k async for k in r.scan_iter(match=f"{settings.namespace}:*", count=1000)]
-        if keys:
-            await r.delete(*keys)
+        pattern = Keys(settings.namespace).run("*")
+        run_keys = [k async for k in r.scan_iter(match=pattern, count=1000)]
+        traces = [trace_key(k.decode().split("{", 1)[1].rsplit("}", 1)[0]) for k in run_keys]
+        for start in range(0, len(traces), 1000):
+            await r.delete(*traces[start : start + 1000])
     finally:
         await r.aclose()
 
@@ -157,7 +161,9 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def spawn_worker(settings: Settings) -> Iterator[Any]:
+def spawn_worker(settings: Settings, client: Client) -> Iterator[Any]:
+    # Depends on `client` so that the processes are gone before its cleanup runs: a live
+    # worker would re-declare the namespace's topology after the purge.
     procs: list[WorkerProcess] = []
 
     def spawn(*extra: str, env: dict[str, str] | None = None) -> WorkerProcess:

@@ -34,6 +34,10 @@ _redis: dict[int, aioredis.Redis] = {}
 
 
 def _r() -> aioredis.Redis:
+    # Inside a run, the worker's own Redis (from its settings): traces land beside the run.
+    ctx = current_context()
+    if ctx is not None:
+        return ctx.store.redis
     loop = id(asyncio.get_running_loop())
     if loop not in _redis:
         _redis[loop] = aioredis.Redis.from_url(
@@ -43,13 +47,11 @@ def _r() -> aioredis.Redis:
 
 
 async def record(event: str) -> None:
-    """Append an event to the run's trace list (namespace-prefixed, cleaned up by tests)."""
+    """Append an event to the run's trace list (deleted with the run's namespace by the
+    tests' cleanup, see conftest.py)."""
     run = current_run()
     key = trace_key(run.id)
-    # The worker's own Redis (from its settings), so traces land where the run state is.
-    ctx = current_context()
-    redis = ctx.store.redis if ctx is not None else _r()
-    async with redis.pipeline(transaction=False) as pipe:
+    async with _r().pipeline(transaction=False) as pipe:
         pipe.rpush(key, f"{event}@{run.attempt}")
         pipe.expire(key, 600)
         await pipe.execute()
