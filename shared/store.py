@@ -45,7 +45,7 @@ class Created(msgspec.Struct, frozen=True):
 
 
 class Claim(msgspec.Struct, frozen=True):
-    kind: Literal["run", "drop", "busy", "early", "crashed", "missing"]
+    kind: Literal["run", "drop", "busy", "early", "crashed", "missing", "alone"]
     attempt: int = 0
     failures: int = 0
     crashes: int = 0
@@ -119,11 +119,12 @@ class RunStore:
 
     # -- executing ----------------------------------------------------------------------
 
-    async def claim(self, run_id: str, worker: str) -> Claim:
+    async def claim(self, run_id: str, worker: str, *, alone: bool = False) -> Claim:
+        """`alone`: nothing else runs in the worker, as a run's last chance needs (claim.lua)."""
         reply = await self.scripts.call(
             "claim",
             [self.keys.run(run_id), self.keys.steps(run_id)],
-            [worker, self._lease_ms, self.settings.max_crashes, self._run_ttl],
+            [worker, self._lease_ms, self.settings.max_crashes, self._run_ttl, int(alone)],
         )
         kind = reply[0].decode()
         if kind == "run":
@@ -134,6 +135,8 @@ class RunStore:
             return Claim(kind, wait_ms=int(reply[1]))
         if kind == "missing":
             return Claim("missing")
+        if kind == "alone":
+            return Claim("alone", crashes=int(reply[1]))
         return Claim(kind, detail=reply[1].decode())
 
     async def checkpoint(self, run_id: str, step_key: str, value: bytes) -> None:

@@ -23,6 +23,7 @@ import aio_pika
 import msgspec
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.exceptions import AMQPError
 
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
@@ -31,9 +32,11 @@ from conveyor.shared.context import RunContext, RunInfo
 from conveyor.shared.errors import ConfigurationError
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
+from conveyor.shared.names import check_name
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import NewRun, RunStore
 
+from .admission import Admission
 from .execution import Execution, run_attempt
 from .supervision import Supervisor
 
@@ -47,6 +50,8 @@ _encoder = msgspec.json.Encoder()
 UNKNOWN_TASK_DELIVERIES = 3
 # Deferred messages come back this much after the moment they wait for.
 DEFER_MARGIN_MS = 50
+# Tries to connect, declare and consume at start-up before the worker gives up.
+START_ATTEMPTS = 5
 
 
 class Worker:
@@ -86,6 +91,7 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        self.admission = Admission(self.store, self.id, self._stopping)
         self._connection: AbstractRobustConnection | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._supervisor = Supervisor(self)
@@ -112,6 +118,32 @@ class Worker:
 
     async def start(self) -> None:
         await self._check_redis()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self._start_consuming()
+                break
+            except (AMQPError, ConnectionError) as exc:
+                # Workers starting together on a fresh namespace declare the same quorum
+                # queues at once; RabbitMQ 3.10 may then fail basic.consume on a queue whose
+                # process is still starting (INTERNAL_ERROR closes the connection).
+                self._consumers.clear()
+                if self._connection is not None:
+                    await self._connection.close()
+                    self._connection = None
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.warning("could not start consuming (%r); retrying", exc)
+                await asyncio.sleep(0.2 * attempt)
+        self._supervisor.start()
+        log.info(
+            "worker %s consuming %s in namespace %r (concurrency %d)",
+            self.id,
+            ", ".join(self.queues),
+            self.settings.namespace,
+            self.concurrency,
+        )
+
+    async def _start_consuming(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             client_properties={"connection_name": f"conveyor-worker:{self.id}"},
@@ -123,14 +155,6 @@ class Worker:
             queue = await self.topology.declare_queue(channel, name)
             tag = await queue.consume(functools.partial(self._on_message, name))
             self._consumers.append((queue, tag))  # strong refs: restored after reconnects
-        self._supervisor.start()
-        log.info(
-            "worker %s consuming %s in namespace %r (concurrency %d)",
-            self.id,
-            ", ".join(self.queues),
-            self.settings.namespace,
-            self.concurrency,
-        )
 
     async def shutdown(self) -> None:
         """Stop consuming, let running attempts finish within the grace period, hand the
@@ -159,9 +183,15 @@ class Worker:
     # -- messages -----------------------------------------------------------------------
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
+        # aiormq cancels consumer callbacks when their channel closes (consumer_timeout, a
+        # lost connection, a broker restart). A run must outlive its channel: its lease keeps
+        # it owned, the redelivery is deferred, and the late ack fails harmlessly. So the
+        # work runs in a task of the worker's own.
+        handler = asyncio.create_task(self._process(queue, message))
         self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
+
+    async def _process(self, queue: str, message: AbstractIncomingMessage) -> None:
         try:
             if self._stopping.is_set():
                 await _settle(message.nack(requeue=True))
@@ -174,8 +204,6 @@ class Worker:
         except Exception:
             log.exception("unexpected error handling a message; it will be redelivered")
             await _settle(message.nack(requeue=True))
-        finally:
-            self._handlers.discard(handler)
 
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         body = message.body
@@ -211,13 +239,25 @@ class Worker:
                 await _settle(message.nack(requeue=True))
             return
         if msg.id is None:
-            msg.id = message.message_id or new_run_id()
+            msg.id = message.message_id
+        if msg.id is None:
+            # Give the run an id its redeliveries keep: otherwise a redelivery after a crash
+            # would start a second run and leave the first one EXECUTING for ever.
+            msg.id = new_run_id()
+            await self.publisher.publish([Outgoing(queue, _encoder.encode(msg), message_id=msg.id)])
+            await _settle(message.ack())
+            return
+        try:
+            check_name("run id", msg.id)  # it becomes part of Redis keys
+        except ConfigurationError as exc:
+            await self._dead_letter(message, queue, f"invalid message body: {exc}")
+            return
         if msg.not_before is not None:
             early = msg.not_before - int(time.time() * 1000)
             if early > DEFER_MARGIN_MS:
                 await self._defer(message, msg, queue, early)
                 return
-        claim = await self.store.claim(msg.id, self.id)
+        claim = await self.admission.claim(msg.id)
         if claim.kind == "missing":
             # Triggered straight through the broker (wire format): the run starts here.
             [created] = await self.store.create(
@@ -227,7 +267,7 @@ class Worker:
                 log.info("run %s: idempotency key already used by %s", msg.id, created.run_id)
                 await _settle(message.ack())
                 return
-            claim = await self.store.claim(msg.id, self.id)
+            claim = await self.admission.claim(msg.id)
         if claim.kind in ("drop", "missing"):
             await _settle(message.ack())
         elif claim.kind in ("busy", "early"):
@@ -283,6 +323,7 @@ class Worker:
         finally:
             execution.done = True
             self.inflight.pop(run_id, None)
+            await self.admission.finished(run_id)
         if execution.handed_over:
             return
         if outcome.requeue:

@@ -1,8 +1,8 @@
 -- Decide what a delivered message means for its run, and start an attempt if it may run.
 -- KEYS: run, steps
--- ARGV: worker, lease_ms, max_crashes, run_ttl_s
+-- ARGV: worker, lease_ms, max_crashes, run_ttl_s, alone ('1': nothing else runs in the worker)
 -- Returns {'run', attempt, failures, crashes, checkpoints...} | {'drop', status}
---       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'}
+--       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'} | {'alone', crashes}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
@@ -36,9 +36,16 @@ if status == 'EXECUTING' then
     redis.call('EXPIRE', KEYS[2], ARGV[4])
     return {'crashed', reason}
   end
+  -- Not executing any more: a claim that does not start it now must not count it again.
+  redis.call('HSET', KEYS[1], 'status', 'QUEUED')
 end
 local nb = tonumber(r[3] or '0')
 if nb > now then return {'early', nb - now} end
+-- The last chance (one more crash ends the run) runs alone in its worker, so the crash that
+-- ends a run is its own, never that of a poison message it ran beside (worker/admission.py).
+if crashes > 0 and crashes >= tonumber(ARGV[3]) - 1 and ARGV[5] ~= '1' then
+  return {'alone', crashes}
+end
 local n = tonumber(r[4] or '0') + 1
 redis.call('HSET', KEYS[1], 'status', 'EXECUTING', 'attempt', n, 'worker', ARGV[1],
   'lease_until', now + tonumber(ARGV[2]), 'started_at', r[8] or now,

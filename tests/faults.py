@@ -1,0 +1,115 @@
+"""Helpers for the fault tests (crash recovery, duplicates, poison messages).
+
+Also a hook for worker processes: `conveyor worker tests.tasks tests.faults` with
+CONVEYOR_TEST_KILL_AFTER_FINISH=1 SIGKILLs itself right after a run's COMPLETED outcome is
+written to Redis and before the message is acked: the narrowest "done but not acked" window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import aio_pika
+import redis.asyncio as aioredis
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from conveyor import Settings
+from conveyor.broker.delay import LEVELS
+from conveyor.broker.topology import Names
+from conveyor.shared.models import RunStatus
+from conveyor.shared.store import Finish, RunStore
+from tests.tasks import trace_key
+
+KILL_AFTER_FINISH = "CONVEYOR_TEST_KILL_AFTER_FINISH"
+
+
+def _install_kill_after_finish() -> None:
+    original = RunStore.finish
+
+    async def finish_then_die(self: RunStore, *args: Any, **kwargs: Any) -> Finish:
+        result = await original(self, *args, **kwargs)
+        if result.kind == "ok" and kwargs.get("run_status") is RunStatus.COMPLETED:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    RunStore.finish = finish_then_die  # type: ignore[method-assign]
+
+
+if os.environ.get(KILL_AFTER_FINISH) == "1":
+    _install_kill_after_finish()
+
+
+async def trace(settings: Settings, run_id: str) -> list[str]:
+    """The events tests/tasks.py recorded for a run, in order (`event@attempt`)."""
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        events = await r.lrange(trace_key(run_id), 0, -1)
+        return [e.decode() if isinstance(e, bytes) else e for e in events]
+    finally:
+        await r.aclose()
+
+
+async def drop_traces(settings: Settings, *run_ids: str) -> None:
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await r.delete(*(trace_key(i) for i in run_ids))
+    finally:
+        await r.aclose()
+
+
+async def queue_counts(settings: Settings, queues: list[str]) -> dict[str, tuple[int, int]]:
+    """(ready messages, consumers) per full queue name; a missing queue counts (0, 0)."""
+    counts: dict[str, tuple[int, int]] = {}
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for name in queues:
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except ChannelNotFoundEntity:
+                counts[name] = (0, 0)
+                channel = await connection.channel()
+                continue
+            result = queue.declaration_result
+            counts[name] = (result.message_count or 0, result.consumer_count or 0)
+    return counts
+
+
+async def wait_for_consumers(
+    settings: Settings, queue: str, count: int, timeout: float = 30.0
+) -> None:
+    """Wait until `count` workers consume the work queue (worker processes take a moment)."""
+    name = Names(settings.namespace).queue(queue)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        consumers = (await queue_counts(settings, [name]))[name][1]
+        if consumers >= count:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{consumers} of {count} workers consume {name} after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def pending_messages(settings: Settings, queues: list[str]) -> int:
+    """Ready messages in the given work queues and anywhere on the delay ladder."""
+    names = Names(settings.namespace)
+    full = [names.queue(q) for q in queues] + [names.delay_level(i) for i in range(LEVELS)]
+    return sum(ready for ready, _ in (await queue_counts(settings, full)).values())
+
+
+def pid_of(worker_id: str) -> int:
+    """The process id in a worker id (`host:pid:random`)."""
+    return int(worker_id.split(":")[1])
+
+
+async def drained(settings: Settings, queues: list[str]) -> bool:
+    """True when no message for the queues is ready or on the delay ladder (two looks
+    apart, since a message moving between ladder levels is briefly in no queue)."""
+    if await pending_messages(settings, queues):
+        return False
+    await asyncio.sleep(0.2)
+    return await pending_messages(settings, queues) == 0

@@ -1,0 +1,101 @@
+"""Which runs may start in this worker: a run's last chance after crashes executes alone.
+
+When a worker process dies, every run it was executing is charged a crash, the poison
+message that killed it and its innocent neighbours alike. A run whose worker died
+`max_crashes - 1` times gets its last attempt only in a worker running nothing else
+(claim.lua refuses it otherwise), and nothing else starts there until it ends. So a run
+ends CRASHED only for a death it alone can have caused: runs that merely shared a worker
+with a poison message always get another attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from conveyor.shared.store import Claim, RunStore
+
+
+def last_chance(crashes: int, max_crashes: int) -> bool:
+    """Whether one more crash ends the run (the same rule as claim.lua)."""
+    return crashes > 0 and crashes >= max_crashes - 1
+
+
+class Admission:
+    def __init__(self, store: RunStore, worker_id: str, stopping: asyncio.Event) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self._stopping = stopping
+        self._active = 0  # runs being claimed or executing here
+        self._exclusive = False  # a claim or run that must be alone is under way
+        self._alone_run: str | None = None
+        self._waiting = 0  # last chances waiting for this worker to empty
+        self._changed = asyncio.Condition()
+
+    async def claim(self, run_id: str) -> Claim:
+        """Claim a run (store.claim), telling the store whether nothing else runs here.
+
+        A last chance refused because this worker is busy waits here, with no new run
+        starting meanwhile, until the worker is empty, and is claimed again alone."""
+        alone = await self._admit(lambda: not self._exclusive and not self._waiting)
+        if alone is None:
+            return Claim("busy")  # shutting down: the message goes back, deferred
+        claim = await self._claim(run_id, alone)
+        if claim.kind == "alone":
+            async with self._changed:
+                self._waiting += 1
+            try:
+                alone = await self._admit(lambda: not self._active and not self._exclusive)
+            finally:
+                async with self._changed:
+                    self._waiting -= 1
+                    self._changed.notify_all()
+            if alone is None:
+                return Claim("busy")
+            claim = await self._claim(run_id, alone)
+        if claim.kind == "run" and alone:
+            if last_chance(claim.crashes, self.store.settings.max_crashes):
+                self._alone_run = run_id  # exclusive until finished()
+            else:
+                async with self._changed:
+                    self._exclusive = False
+                    self._changed.notify_all()
+        return claim
+
+    async def finished(self, run_id: str) -> None:
+        """An execution that a claim started here has ended."""
+        alone = self._alone_run == run_id
+        if alone:
+            self._alone_run = None
+        await self._leave(alone)
+
+    async def _admit(self, ready: Callable[[], bool]) -> bool | None:
+        """Wait until `ready`, then count a claim in; whether it is alone here, or None
+        when the worker is stopping."""
+        async with self._changed:
+            await self._changed.wait_for(ready)
+            if self._stopping.is_set():
+                return None
+            alone = self._active == 0
+            self._active += 1
+            if alone:
+                self._exclusive = True  # until the claim says whether the run must be alone
+            return alone
+
+    async def _claim(self, run_id: str, alone: bool) -> Claim:
+        """store.claim; counts the claim out again unless it started a run."""
+        try:
+            claim = await self.store.claim(run_id, self.worker_id, alone=alone)
+        except BaseException:
+            await self._leave(alone)
+            raise
+        if claim.kind != "run":
+            await self._leave(alone)
+        return claim
+
+    async def _leave(self, alone: bool) -> None:
+        async with self._changed:
+            self._active -= 1
+            if alone:
+                self._exclusive = False
+            self._changed.notify_all()
