@@ -1,0 +1,1 @@
+"""Benchmarks for conveyor (not run in CI): see benchmarks/README.md."""
