@@ -129,6 +129,7 @@ class Client:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        await self.store.close()
         await self.redis.aclose()
 
     # -- triggering ---------------------------------------------------------------------

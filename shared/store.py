@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunStatus
+from .pipe import RedisPipe
 from .scripts import Scripts
 from .settings import Settings
 
@@ -71,9 +72,13 @@ class RunStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.scripts = Scripts(redis, ["create", "claim", "finish", "heartbeat", "cancel"])
+        self.pipe = RedisPipe(settings.redis_url)
+        self.scripts = Scripts(self.pipe, ["create", "claim", "finish", "heartbeat", "cancel"])
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._run_ttl = str(int(settings.run_ttl))
+
+    async def close(self) -> None:
+        await self.pipe.close()
 
     # -- triggering ---------------------------------------------------------------------
 
@@ -140,7 +145,7 @@ class RunStore:
         return Claim(kind, detail=reply[1].decode())
 
     async def checkpoint(self, run_id: str, step_key: str, value: bytes) -> None:
-        await self.redis.hset(self.keys.steps(run_id), step_key, value)
+        await self.pipe.execute("HSET", self.keys.steps(run_id), step_key, value)
 
     async def finish(
         self,

@@ -178,6 +178,7 @@ class Worker:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        await self.store.close()
         await self.redis.aclose()
 
     # -- messages -----------------------------------------------------------------------
