@@ -184,10 +184,31 @@ class Client:
             NewRun(new_run_id(), task_id, queue, body, opts.tags, opts.idempotency_key, delay_ms)
             for body in payloads
         ]
+        if opts.idempotency_key is None and not delay_ms:
+            # Nothing to look up first, so the run is created and its message published at
+            # once: a worker that gets the message before the run exists creates it itself.
+            outcome = await asyncio.gather(
+                self.store.create(runs),
+                self._publish(runs, self._messages(task_id, queue, runs, None)),
+                return_exceptions=True,
+            )
+            for result in (outcome[1], outcome[0]):
+                if isinstance(result, BaseException) and not isinstance(result, Exception):
+                    raise result
+            if isinstance(outcome[1], BaseException):
+                raise outcome[1]  # _publish has marked the runs FAILED
+            # The messages are in the broker: the runs happen even if Redis failed just now.
+            return [RunHandle(run.run_id, self, decode) for run in runs]
         created = await self.store.create(runs)
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
         not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
-        outgoing = [
+        await self._publish(fresh, self._messages(task_id, queue, fresh, not_before))
+        return [RunHandle(c.run_id, self, decode) for c in created]
+
+    def _messages(
+        self, task_id: str, queue: str, runs: Sequence[NewRun], not_before: int | None
+    ) -> list[Outgoing]:
+        return [
             Outgoing(
                 queue,
                 _message_encoder.encode(
@@ -201,16 +222,17 @@ class Client:
                     )
                 ),
                 message_id=run.run_id,
-                delay_ms=delay_ms,
+                delay_ms=run.delay_ms,
             )
-            for run in fresh
+            for run in runs
         ]
+
+    async def _publish(self, runs: Sequence[NewRun], outgoing: list[Outgoing]) -> None:
         try:
             await self.publisher.publish(outgoing)
         except PublishFailed as exc:
-            await self.store.abandon(fresh, f"not published: {exc}")
+            await self.store.abandon(runs, f"not published: {exc}")
             raise
-        return [RunHandle(c.run_id, self, decode) for c in created]
 
     # -- reading and control ------------------------------------------------------------
 

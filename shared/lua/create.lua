@@ -8,6 +8,8 @@ if ARGV[6] ~= '' then
   if existing then return {0, existing} end
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[7])
 end
+-- A worker that got the message first has created the run already (see Client._trigger).
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1, ARGV[1], now} end
 local delay = tonumber(ARGV[8])
 local status = 'QUEUED'
 if delay > 0 then
