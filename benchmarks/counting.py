@@ -42,6 +42,7 @@ def install() -> None:
         return
     _installed = True
     _wrap_redis()
+    _wrap_pipe()
     _wrap_aiormq()
 
 
@@ -85,6 +86,24 @@ def _wrap_redis() -> None:
     Redis.execute_command = counted_execute_command  # type: ignore[method-assign]
     Pipeline.immediate_execute_command = counted_immediate  # type: ignore[method-assign]
     Pipeline.execute = counted_execute  # type: ignore[method-assign]
+
+
+def _wrap_pipe() -> None:
+    """conveyor's hot-path connection: each write of a loop turn's batch is one round trip
+    shared by the commands it carries."""
+    from conveyor.shared.pipe import RedisPipe
+
+    send: Callable[..., Any] = RedisPipe._send
+
+    async def counted_send(self: Any, batch: Any) -> Any:
+        counts["redis pipeline"] += 1
+        for data, _future in batch:
+            # b"*N\r\n$len\r\nCOMMAND\r\n...": the command name is the third line
+            command = _name(data.split(b"\r\n", 3)[2])
+            counts[f"redis in-pipeline {command}"] += 1
+        return await send(self, batch)
+
+    RedisPipe._send = counted_send  # type: ignore[method-assign]
 
 
 def _wrap_aiormq() -> None:
