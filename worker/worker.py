@@ -22,8 +22,13 @@ from typing import Any
 import aio_pika
 import msgspec
 import redis.asyncio as aioredis
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 from aio_pika.exceptions import AMQPError
+from aiormq.abc import DeliveredMessage
 
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
@@ -37,6 +42,7 @@ from conveyor.shared.settings import Settings
 from conveyor.shared.store import NewRun, RunStore
 
 from .admission import Admission
+from .delivery import Delivery
 from .execution import Execution, run_attempt
 from .supervision import Supervisor
 
@@ -93,6 +99,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.admission = Admission(self.store, self.id, self._stopping)
         self._connection: AbstractRobustConnection | None = None
+        self._queues: list[AbstractQueue] = []
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._supervisor = Supervisor(self)
 
@@ -149,12 +156,26 @@ class Worker:
             client_properties={"connection_name": f"conveyor-worker:{self.id}"},
         )
         await self.publisher.connect(self._connection)
-        channel = await self._connection.channel(publisher_confirms=False)
+        channel: AbstractRobustChannel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.concurrency)
-        for name in self.queues:
-            queue = await self.topology.declare_queue(channel, name)
-            tag = await queue.consume(functools.partial(self._on_message, name))
-            self._consumers.append((queue, tag))  # strong refs: restored after reconnects
+        # Strong references: the robust channel re-declares these queues after a reconnect.
+        self._queues = [await self.topology.declare_queue(channel, name) for name in self.queues]
+        await self._consume(channel)
+        # A reopened channel (reconnect, consumer_timeout) has no consumers: add them again.
+        channel.reopen_callbacks.add(self._on_reopen)
+
+    async def _on_reopen(self, channel: AbstractRobustChannel | None, /) -> None:
+        if channel is not None:
+            await self._consume(channel)
+
+    async def _consume(self, channel: AbstractRobustChannel) -> None:
+        if self._stopping.is_set():
+            return
+        underlay = await channel.get_underlay_channel()
+        self._consumers = []
+        for name, queue in zip(self.queues, self._queues, strict=True):
+            ok = await underlay.basic_consume(queue.name, functools.partial(self._on_message, name))
+            self._consumers.append((queue, ok.consumer_tag or ""))
 
     async def shutdown(self) -> None:
         """Stop consuming, let running attempts finish within the grace period, hand the
@@ -162,7 +183,8 @@ class Worker:
         self._stopping.set()
         for queue, tag in self._consumers:
             try:
-                await queue.cancel(tag)
+                underlay = await queue.channel.get_underlay_channel()
+                await underlay.basic_cancel(tag)
             except Exception as exc:  # the channel may already be gone
                 log.debug("cancel consumer %s: %r", tag, exc)
         self._consumers.clear()
@@ -183,7 +205,8 @@ class Worker:
 
     # -- messages -----------------------------------------------------------------------
 
-    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, queue: str, raw: DeliveredMessage) -> None:
+        message = Delivery(raw)
         # aiormq cancels consumer callbacks when their channel closes (consumer_timeout, a
         # lost connection, a broker restart). A run must outlive its channel: its lease keeps
         # it owned, the redelivery is deferred, and the late ack fails harmlessly. So the
@@ -192,7 +215,7 @@ class Worker:
         self._handlers.add(handler)
         handler.add_done_callback(self._handlers.discard)
 
-    async def _process(self, queue: str, message: AbstractIncomingMessage) -> None:
+    async def _process(self, queue: str, message: Delivery) -> None:
         try:
             if self._stopping.is_set():
                 await _settle(message.nack(requeue=True))
@@ -206,7 +229,7 @@ class Worker:
             log.exception("unexpected error handling a message; it will be redelivered")
             await _settle(message.nack(requeue=True))
 
-    async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, queue: str, message: Delivery) -> None:
         body = message.body
         limit = self.settings.max_payload_bytes
         if len(body) > limit + 64 * 1024:
@@ -282,7 +305,7 @@ class Worker:
 
     async def _execute(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         msg: RunMessage,
         task: Task[Any, Any],
         queue: str,
@@ -332,9 +355,7 @@ class Worker:
         else:
             await _settle(message.ack())
 
-    async def _defer(
-        self, message: AbstractIncomingMessage, msg: RunMessage, queue: str, delay_ms: int
-    ) -> None:
+    async def _defer(self, message: Delivery, msg: RunMessage, queue: str, delay_ms: int) -> None:
         """Send the message round the delay ladder and ack this copy: nothing waits here."""
         run_id = msg.id
         await self.publisher.publish(
@@ -365,7 +386,7 @@ class Worker:
 
     async def _dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         queue: str,
         reason: str,
         *,
