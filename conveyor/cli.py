@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 import uvloop
+from aiormq.exceptions import AMQPConnectionError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor._client import Client
 from conveyor._task import registered_tasks
@@ -64,6 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return uvloop.run(_client_command(args))
     except ConveyorError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
+        return 1
+    except (AMQPConnectionError, RedisConnectionError, OSError) as exc:
+        print(
+            f"conveyor: cannot reach RabbitMQ or Redis ({exc}); check that they run and that "
+            "CONVEYOR_AMQP_URL and CONVEYOR_REDIS_URL point at them",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -221,3 +221,15 @@ def test_argument_errors_and_empty_list(
     monkeypatch.setenv("CONVEYOR_NAMESPACE", settings.namespace)
     assert main(["runs", "list", "--task", "no-such-task"]) == 0
     assert capsys.readouterr().out == "no runs\n"
+
+
+def test_unreachable_services_get_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # 127.0.0.1:1 refuses at once: nothing listens on port 1.
+    monkeypatch.setenv("CONVEYOR_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(["runs", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "conveyor: cannot reach RabbitMQ or Redis" in err
+    assert "CONVEYOR_REDIS_URL" in err
+    assert "Traceback" not in err
