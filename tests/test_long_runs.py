@@ -86,11 +86,13 @@ def short_consumer_timeout() -> Iterator[dict[str, str]]:
 
 @contextlib.asynccontextmanager
 async def worker_with(
-    settings: Settings, lowered: dict[str, str], **overrides: float
+    settings: Settings, lowered: dict[str, str], concurrency: int = 4, **overrides: float
 ) -> AsyncIterator[Worker]:
     """An in-process worker whose channels have the short consumer timeout; the timeout is
     restored as soon as they are open, so other channels keep the normal one."""
-    w = Worker(tasks.ALL, settings=msgspec.structs.replace(settings, **overrides), concurrency=4)
+    w = Worker(
+        tasks.ALL, settings=msgspec.structs.replace(settings, **overrides), concurrency=concurrency
+    )
     try:
         await w.start()
     finally:
@@ -154,3 +156,29 @@ async def test_run_past_consumer_timeout_without_hand_over_still_completes_once(
         assert [a.status for a in run.attempts] == ["COMPLETED"]
         assert await trace(settings, handle.id) == ["sleeper:start@1", "sleeper:end@1"]
         await eventually(lambda: drained(settings, [tasks.sleeper.queue]), timeout=10, interval=0.3)
+
+
+async def test_messages_waiting_behind_a_long_run_are_not_timed_out(
+    short_consumer_timeout: dict[str, str], settings: Settings, client: Client
+) -> None:
+    """Once a long run's message is handed over, the broker sends the next one, which
+    waits for the busy worker's only slot. It goes round the delay ladder after
+    handover_after instead of sitting unacked until consumer_timeout closes the channel."""
+    async with worker_with(
+        settings, short_consumer_timeout, concurrency=1, handover_after=1.0
+    ) as worker:
+        closes = channel_closes(worker)
+        long = await tasks.sleeper.trigger(3 * CONSUMER_TIMEOUT_MS / 1000)
+        await eventually(lambda: _started(settings, long.id), timeout=10)
+        short = await tasks.echo.trigger("after")
+        assert await long.result(timeout=40) == "slept"
+        assert await short.result(timeout=20) == "after"
+        assert closes == [], "a delivery waiting for a slot was timed out by the broker"
+        run = await client.get_run(short.id)
+        assert [a.status for a in run.attempts] == ["COMPLETED"]
+        queues = [tasks.sleeper.queue, tasks.echo.queue]
+        await eventually(lambda: drained(settings, queues), timeout=10, interval=0.3)
+
+
+async def _started(settings: Settings, run_id: str) -> bool:
+    return "sleeper:start@1" in await trace(settings, run_id)

@@ -220,14 +220,34 @@ class Worker:
             if self._stopping.is_set():
                 await _settle(message.nack(requeue=True))
                 return
-            async with self._slots:
+            if not await self._take_slot(queue, message):
+                return
+            try:
                 if self._stopping.is_set():
                     await _settle(message.nack(requeue=True))
                     return
                 await self._handle(queue, message)
+            finally:
+                self._slots.release()
         except Exception:
             log.exception("unexpected error handling a message; it will be redelivered")
             await _settle(message.nack(requeue=True))
+
+    async def _take_slot(self, queue: str, message: Delivery) -> bool:
+        """Wait for a free slot; a message that waits as long as a run may keep its own
+        (long runs were handed over, so the broker sent more) goes round the delay ladder
+        instead, before RabbitMQ's consumer_timeout closes the channel over it."""
+        try:
+            async with asyncio.timeout(self.settings.handover_after):
+                await self._slots.acquire()
+        except TimeoutError:
+            delay_ms = int(self.settings.lease_ttl * 1000)
+            await self.publisher.publish(
+                [Outgoing(queue, message.body, message_id=message.message_id, delay_ms=delay_ms)]
+            )
+            await _settle(message.ack())
+            return False
+        return True
 
     async def _handle(self, queue: str, message: Delivery) -> None:
         body = message.body
