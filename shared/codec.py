@@ -1,4 +1,4 @@
-"""JSON encoding and typed decoding with msgspec; decoders are built once per type."""
+"""Typed JSON decoding with msgspec: one decoder per type, built on first use."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
-
-encode = msgspec.json.encode
 
 
 @lru_cache(maxsize=1024)
