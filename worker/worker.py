@@ -237,6 +237,9 @@ class Worker:
         """Wait for a free slot; a message that waits as long as a run may keep its own
         (long runs were handed over, so the broker sent more) goes round the delay ladder
         instead, before RabbitMQ's consumer_timeout closes the channel over it."""
+        if not self._slots.locked():  # the common case: no timer per message
+            await self._slots.acquire()
+            return True
         try:
             async with asyncio.timeout(self.settings.handover_after):
                 await self._slots.acquire()
