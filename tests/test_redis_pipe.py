@@ -1,0 +1,120 @@
+"""The pipelined hot-path Redis connection (shared/pipe.py, shared/scripts.py) against a
+real redis-server of the test's own, which it restarts and whose script cache it flushes."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from conveyor.shared.pipe import RedisPipe
+from conveyor.shared.scripts import Scripts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class OwnRedis:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                "s3cret",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, password="s3cret").ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("this test starts its own redis-server: install Redis (redis-server)")
+    server = OwnRedis(_free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_auth_select_pipelining_and_error_replies(own_redis: OwnRedis) -> None:
+    pipe = RedisPipe(f"redis://:s3cret@127.0.0.1:{own_redis.port}/3")
+    try:
+        # Many commands in one loop turn go out together and come back in order.
+        replies = await asyncio.gather(*(pipe.execute("INCR", "n") for _ in range(200)))
+        assert replies == list(range(1, 201))
+        # An error reply fails only its own caller.
+        bad, good = await asyncio.gather(
+            pipe.execute("HSET", "n", "f", "v"), pipe.execute("GET", "n"), return_exceptions=True
+        )
+        assert isinstance(bad, redis.exceptions.ResponseError) and "WRONGTYPE" in str(bad)
+        assert good == b"200"
+        # SELECT from the URL took effect: the key is in database 3.
+        assert redis.Redis(port=own_redis.port, password="s3cret", db=3).get("n") == b"200"
+    finally:
+        await pipe.close()
+
+
+async def test_reconnects_after_a_restart_and_reloads_flushed_scripts(
+    own_redis: OwnRedis,
+) -> None:
+    pipe = RedisPipe(f"redis://:s3cret@127.0.0.1:{own_redis.port}/0")
+    scripts = Scripts(pipe, ["heartbeat"])
+    try:
+        assert await scripts.call("heartbeat", ["run"], ["w", 1, 1000]) == b"MISSING"
+        own_redis.stop()
+        with pytest.raises(RedisConnectionError):
+            await pipe.execute("PING")
+        own_redis.start()
+        # The next command reconnects; the new server has no scripts: loaded on NOSCRIPT.
+        assert await pipe.execute("PING") == b"PONG"
+        assert await scripts.call("heartbeat", ["run"], ["w", 1, 1000]) == b"MISSING"
+        await pipe.execute("SCRIPT", "FLUSH")
+        assert await scripts.call("heartbeat", ["run"], ["w", 1, 1000]) == b"MISSING"
+    finally:
+        await pipe.close()
+
+
+async def test_unreachable_redis_fails_the_call_with_a_connection_error() -> None:
+    pipe = RedisPipe(f"redis://127.0.0.1:{_free_port()}/0")
+    try:
+        with pytest.raises(RedisConnectionError, match="cannot connect to Redis"):
+            await pipe.execute("PING")
+    finally:
+        await pipe.close()
