@@ -118,7 +118,7 @@ class _Delivery:
         self.message_id: str | None = None
         self.acked = False
 
-    async def ack(self) -> None:
+    def ack(self) -> None:
         self.acked = True
 
 

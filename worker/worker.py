@@ -42,7 +42,7 @@ from conveyor.shared.settings import Settings
 from conveyor.shared.store import NewRun, RunStore
 
 from .admission import Admission
-from .delivery import Delivery
+from .delivery import Acks, Delivery
 from .execution import Execution, run_attempt
 from .supervision import Supervisor
 
@@ -94,6 +94,7 @@ class Worker:
         self.topology = Topology(self.settings)
         self.publisher = Publisher(self.settings, self.topology)
         self.inflight: dict[str, Execution] = {}
+        self._acks = Acks()
         self._slots = asyncio.Semaphore(concurrency)
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -197,6 +198,8 @@ class Worker:
                     execution.stop("shutdown")
                 await asyncio.wait(pending, timeout=10)
         await self._supervisor.stop()
+        # Closing the connection drops frames still queued: the last acks go out first.
+        await self._acks.written(timeout=5)
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -206,7 +209,7 @@ class Worker:
     # -- messages -----------------------------------------------------------------------
 
     async def _on_message(self, queue: str, raw: DeliveredMessage) -> None:
-        message = Delivery(raw)
+        message = Delivery(raw, self._acks)
         # aiormq cancels consumer callbacks when their channel closes (consumer_timeout, a
         # lost connection, a broker restart). A run must outlive its channel: its lease keeps
         # it owned, the redelivery is deferred, and the late ack fails harmlessly. So the
@@ -218,20 +221,20 @@ class Worker:
     async def _process(self, queue: str, message: Delivery) -> None:
         try:
             if self._stopping.is_set():
-                await _settle(message.nack(requeue=True))
+                await message.nack(requeue=True)
                 return
             if not await self._take_slot(queue, message):
                 return
             try:
                 if self._stopping.is_set():
-                    await _settle(message.nack(requeue=True))
+                    await message.nack(requeue=True)
                     return
                 await self._handle(queue, message)
             finally:
                 self._slots.release()
         except Exception:
             log.exception("unexpected error handling a message; it will be redelivered")
-            await _settle(message.nack(requeue=True))
+            await message.nack(requeue=True)
 
     async def _take_slot(self, queue: str, message: Delivery) -> bool:
         """Wait for a free slot; a message that waits as long as a run may keep its own
@@ -248,7 +251,7 @@ class Worker:
             await self.publisher.publish(
                 [Outgoing(queue, message.body, message_id=message.message_id, delay_ms=delay_ms)]
             )
-            await _settle(message.ack())
+            message.ack()
             return False
         return True
 
@@ -283,7 +286,7 @@ class Worker:
             if deliveries + 1 >= UNKNOWN_TASK_DELIVERIES:
                 await self._dead_letter(message, queue, f"unknown task {msg.task!r}")
             else:
-                await _settle(message.nack(requeue=True))
+                await message.nack(requeue=True)
             return
         if msg.id is None:
             msg.id = message.message_id
@@ -292,7 +295,7 @@ class Worker:
             # would start a second run and leave the first one EXECUTING for ever.
             msg.id = new_run_id()
             await self.publisher.publish([Outgoing(queue, _encoder.encode(msg), message_id=msg.id)])
-            await _settle(message.ack())
+            message.ack()
             return
         try:
             check_name("run id", msg.id)  # it becomes part of Redis keys
@@ -312,11 +315,11 @@ class Worker:
             )
             if created.run_id != msg.id:
                 log.info("run %s: idempotency key already used by %s", msg.id, created.run_id)
-                await _settle(message.ack())
+                message.ack()
                 return
             claim = await self.admission.claim(msg.id)
         if claim.kind in ("drop", "missing"):
-            await _settle(message.ack())
+            message.ack()
         elif claim.kind in ("busy", "early"):
             await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)
         elif claim.kind == "crashed":
@@ -374,9 +377,9 @@ class Worker:
         if execution.handed_over:
             return
         if outcome.requeue:
-            await _settle(message.nack(requeue=True))
+            await message.nack(requeue=True)
         else:
-            await _settle(message.ack())
+            message.ack()
 
     async def _defer(self, message: Delivery, msg: RunMessage, queue: str, delay_ms: int) -> None:
         """Send the message round the delay ladder and ack this copy: nothing waits here."""
@@ -384,7 +387,7 @@ class Worker:
         await self.publisher.publish(
             [Outgoing(queue, _encoder.encode(msg), message_id=run_id, delay_ms=max(delay_ms, 1))]
         )
-        await _settle(message.ack())
+        message.ack()
 
     async def hand_over(self, execution: Execution) -> None:
         """Replace a long-running run's unacked message by a delayed watchdog copy, so
@@ -405,7 +408,7 @@ class Worker:
             ]
         )
         execution.handed_over = True
-        await _settle(message.ack())
+        message.ack()
 
     async def _dead_letter(
         self,
@@ -420,7 +423,7 @@ class Worker:
         if run_id:
             headers["x-conveyor-run-id"] = run_id
         await self.publisher.dead_letter(message.body, queue, reason, headers)
-        await _settle(message.ack())
+        message.ack()
 
     async def _check_redis(self) -> None:
         try:
@@ -435,12 +438,3 @@ class Worker:
             log.warning(
                 "Redis maxmemory-policy is %r; use noeviction so run state is never evicted", policy
             )
-
-
-async def _settle(action: Any) -> None:
-    """Ack or nack; a channel from before a reconnect cannot, and the broker has already
-    requeued that message, so the failure is harmless."""
-    try:
-        await action
-    except Exception as exc:
-        log.debug("could not settle a message: %r", exc)
