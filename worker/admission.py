@@ -22,6 +22,10 @@ def last_chance(crashes: int, max_crashes: int) -> bool:
 
 
 class Admission:
+    """Counts the claims and runs under way here. All of it is synchronous bookkeeping
+    in one event loop; a claim only waits (and only then costs a future) when a last
+    chance is pending or running."""
+
     def __init__(self, store: RunStore, worker_id: str, stopping: asyncio.Event) -> None:
         self.store = store
         self.worker_id = worker_id
@@ -30,7 +34,7 @@ class Admission:
         self._exclusive = False  # a claim or run that must be alone is under way
         self._alone_run: str | None = None
         self._waiting = 0  # last chances waiting for this worker to empty
-        self._changed = asyncio.Condition()
+        self._wakeups: list[asyncio.Future[None]] = []  # claims waiting for a change
 
     async def claim(self, run_id: str) -> Claim:
         """Claim a run (store.claim), telling the store whether nothing else runs here.
@@ -42,14 +46,12 @@ class Admission:
             return Claim("busy")  # shutting down: the message goes back, deferred
         claim = await self._claim(run_id, alone)
         if claim.kind == "alone":
-            async with self._changed:
-                self._waiting += 1
+            self._waiting += 1
             try:
                 alone = await self._admit(lambda: not self._active and not self._exclusive)
             finally:
-                async with self._changed:
-                    self._waiting -= 1
-                    self._changed.notify_all()
+                self._waiting -= 1
+                self._changed()
             if alone is None:
                 return Claim("busy")
             claim = await self._claim(run_id, alone)
@@ -57,45 +59,56 @@ class Admission:
             if last_chance(claim.crashes, self.store.settings.max_crashes):
                 self._alone_run = run_id  # exclusive until finished()
             else:
-                async with self._changed:
-                    self._exclusive = False
-                    self._changed.notify_all()
+                self._exclusive = False
+                self._changed()
         return claim
 
-    async def finished(self, run_id: str) -> None:
+    def finished(self, run_id: str) -> None:
         """An execution that a claim started here has ended."""
         alone = self._alone_run == run_id
         if alone:
             self._alone_run = None
-        await self._leave(alone)
+        self._leave(alone)
 
     async def _admit(self, ready: Callable[[], bool]) -> bool | None:
         """Wait until `ready`, then count a claim in; whether it is alone here, or None
         when the worker is stopping."""
-        async with self._changed:
-            await self._changed.wait_for(ready)
-            if self._stopping.is_set():
-                return None
-            alone = self._active == 0
-            self._active += 1
-            if alone:
-                self._exclusive = True  # until the claim says whether the run must be alone
-            return alone
+        while not ready():
+            wakeup = asyncio.get_running_loop().create_future()
+            self._wakeups.append(wakeup)
+            try:
+                await wakeup
+            finally:
+                if not wakeup.done():  # canceled: do not leave it behind
+                    self._wakeups.remove(wakeup)
+        if self._stopping.is_set():
+            return None
+        alone = self._active == 0
+        self._active += 1
+        if alone:
+            self._exclusive = True  # until the claim says whether the run must be alone
+        return alone
 
     async def _claim(self, run_id: str, alone: bool) -> Claim:
         """store.claim; counts the claim out again unless it started a run."""
         try:
             claim = await self.store.claim(run_id, self.worker_id, alone=alone)
         except BaseException:
-            await self._leave(alone)
+            self._leave(alone)
             raise
         if claim.kind != "run":
-            await self._leave(alone)
+            self._leave(alone)
         return claim
 
-    async def _leave(self, alone: bool) -> None:
-        async with self._changed:
-            self._active -= 1
-            if alone:
-                self._exclusive = False
-            self._changed.notify_all()
+    def _leave(self, alone: bool) -> None:
+        self._active -= 1
+        if alone:
+            self._exclusive = False
+        self._changed()
+
+    def _changed(self) -> None:
+        """Let every waiting claim look again."""
+        wakeups, self._wakeups = self._wakeups, []
+        for wakeup in wakeups:
+            if not wakeup.done():
+                wakeup.set_result(None)

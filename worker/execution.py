@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 from typing import Any, Literal
 
@@ -24,15 +23,16 @@ class Execution:
 
     __slots__ = (
         "attempt",
+        "canceled",
         "done",
         "handed_over",
         "message",
         "queue",
         "run_id",
+        "running_user_code",
         "started",
         "stop_reason",
         "task_id",
-        "user_task",
     )
 
     def __init__(self, run_id: str, attempt: int, task_id: str, queue: str, message: Any) -> None:
@@ -45,40 +45,47 @@ class Execution:
         self.handed_over = False
         self.done = False
         self.stop_reason: StopReason | None = None
-        self.user_task: asyncio.Task[Any] | None = None
+        # The worker's task for this message while it is inside the task function: only
+        # then may stop() cancel it.
+        self.running_user_code: asyncio.Task[Any] | None = None
+        self.canceled = False
 
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-        if self.user_task is not None and not self.user_task.done():
-            self.user_task.cancel()
+        if self.running_user_code is not None and not self.canceled:
+            self.canceled = True
+            self.running_user_code.cancel()
 
 
 async def run_attempt(
     task: Task[Any, Any], payload: bytes, ctx: RunContext, failures: int, execution: Execution
 ) -> Outcome:
+    """Call the task function in the calling task (no task of its own per run: creating,
+    scheduling and awaiting one cost about as much as the rest of a no-op run's Python
+    work). The context variable is set in this task's context, which asyncio gave it as
+    a copy of its creator's, so it is seen only by this run."""
     try:
         kwargs = task.decode_arguments(payload)
     except InvalidArguments as exc:
         return failed(exc)
-
-    async def invoke() -> Any:
-        set_context(ctx)
-        return await task.fn(**kwargs)
-
-    user = asyncio.create_task(invoke(), context=contextvars.copy_context())
-    execution.user_task = user
-    timeout = asyncio.timeout(task.max_duration)
+    current = asyncio.current_task()
+    assert current is not None
+    set_context(ctx)
+    timeout = asyncio.timeout(task.max_duration) if task.max_duration is not None else None
+    execution.running_user_code = current
     try:
-        async with timeout:
-            result = await user
+        if timeout is None:
+            result = await task.fn(**kwargs)
+        else:
+            async with timeout:
+                result = await task.fn(**kwargs)
     except asyncio.CancelledError:
-        reason = execution.stop_reason
-        if reason is None or not user.cancelled():
+        if not execution.canceled:
             raise
-        return _stopped(reason)
+        return _stopped(execution.stop_reason or "cancel")
     except TimeoutError as exc:
-        if timeout.expired():
+        if timeout is not None and timeout.expired():
             error = TimeoutError(f"the attempt ran longer than max_duration={task.max_duration}s")
             error.__cause__ = exc
             return failed(error, RunStatus.TIMED_OUT)
@@ -87,6 +94,11 @@ async def run_attempt(
         return failed(exc)
     except Exception as exc:
         return _failure(task, exc, failures)
+    finally:
+        execution.running_user_code = None
+        set_context(None)
+        if execution.canceled:
+            current.uncancel()  # the cancel was for the task function, not for the worker
     try:
         return completed(msgspec.json.encode(result))
     except (TypeError, ValueError, OverflowError) as exc:

@@ -373,7 +373,7 @@ class Worker:
         finally:
             execution.done = True
             self.inflight.pop(run_id, None)
-            await self.admission.finished(run_id)
+            self.admission.finished(run_id)
         if execution.handed_over:
             return
         if outcome.requeue:
