@@ -3,66 +3,119 @@
 aio-pika builds a full message object per delivery, which cost a worker about an eighth of
 its time per no-op run; a worker needs only the body, two properties and the tag.
 
-Acks are the other per-run AMQP cost: aiormq writes each ack frame to the socket on its
-own (one system call each) and wakes the caller once it is written. An ack needs no
-answer, so the acks of one event-loop turn leave together, one write per channel.
+Acks are the other per-run AMQP cost, in the worker (aiormq writes every ack frame with a
+system call of its own) and more so in RabbitMQ, where each ack frame is one settlement
+command in the quorum queue's log. So acks wait for the end of the event-loop turn, and
+the acked deliveries below the oldest one still unsettled on their channel go as one
+`multiple` ack; the few acked out of that order go one by one in the same turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
-from aiormq.abc import AbstractChannel, ChannelFrame, DeliveredMessage
-from pamqp.commands import Basic
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 log = logging.getLogger("conveyor.worker")
 
 
-class Acks:
-    """Collects the acks of one loop turn and queues them per channel as one write."""
+class _Channel:
+    """What the worker knows about the delivery tags of one consuming channel."""
+
+    __slots__ = ("acked", "contiguous", "last", "open")
 
     def __init__(self) -> None:
-        self._pending: dict[AbstractChannel, list[int]] = {}
+        self.open: set[int] = set()  # delivered here and not settled yet
+        self.acked: list[int] = []  # acked in this loop turn, not sent yet
+        self.last = 0  # the highest tag delivered here
+        # False once a tag was skipped (a delivery aiormq did not hand to the worker): a
+        # `multiple` ack could then settle a message nobody processed.
+        self.contiguous = True
+
+
+class Acks:
+    """Settles deliveries: acks are batched per loop turn, nacks go out at once."""
+
+    def __init__(self) -> None:
+        self._channels: dict[AbstractChannel, _Channel] = {}
+        self._flushing = False
+        # (channel, `multiple` ack up to this tag or 0, single acks), in the order decided
+        self._outgoing: list[tuple[AbstractChannel, int, list[int]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def received(self, channel: AbstractChannel, tag: int) -> None:
+        """Called for every delivery, in the order of the tags (aiormq hands them over
+        in order), before it can be settled."""
+        state = self._channels.get(channel)
+        if state is None:
+            state = self._channels[channel] = _Channel()
+        if tag != state.last + 1:
+            state.contiguous = False
+        state.last = tag
+        state.open.add(tag)
 
     def ack(self, channel: AbstractChannel, tag: int) -> None:
-        if not self._pending:
+        state = self._channels.get(channel)
+        if state is None or tag not in state.open:
+            return  # its channel closed and was forgotten: the broker requeued it
+        state.open.discard(tag)
+        state.acked.append(tag)
+        if not self._flushing:
+            self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
-        tags = self._pending.get(channel)
-        if tags is None:
-            self._pending[channel] = [tag]
-        else:
-            tags.append(tag)
+
+    async def nack(self, channel: AbstractChannel, tag: int, requeue: bool) -> None:
+        try:
+            await channel.basic_nack(tag, requeue=requeue)
+        except Exception as exc:  # a channel from before a reconnect: already requeued
+            log.debug("could not nack a message: %r", exc)
+        finally:
+            # Only now: a `multiple` ack must not cover this tag before the nack is out.
+            state = self._channels.get(channel)
+            if state is not None:
+                state.open.discard(tag)
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for channel, tags in pending.items():
+        self._flushing = False
+        for channel, state in list(self._channels.items()):
             if channel.is_closed:
-                # The broker requeued these when the channel closed; an ack on a channel
-                # opened since (it may have the same number) would be for other messages.
+                # The broker requeued what was unacked; a channel opened since may have
+                # the same number, and these tags would mean other messages there.
+                del self._channels[channel]
                 continue
-            frames = [Basic.Ack(delivery_tag=tag) for tag in tags]
-            channel.connection.write_queue.put_nowait(ChannelFrame.marshall(channel.number, frames))
+            if not state.acked:
+                continue
+            acked, state.acked = state.acked, []
+            lowest_open = min(state.open) if state.open else state.last + 1
+            below = [tag for tag in acked if tag < lowest_open] if state.contiguous else []
+            single = [tag for tag in acked if tag > lowest_open] if below else acked
+            self._outgoing.append((channel, max(below) if below else 0, single))
+        if self._outgoing and (self._sender is None or self._sender.done()):
+            self._sender = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        """Send the acks in the order they were decided: a `multiple` ack must not
+        overtake a single ack of a lower tag, which the broker would then not know."""
+        while self._outgoing:
+            outgoing, self._outgoing = self._outgoing, []
+            for channel, up_to, single in outgoing:
+                try:
+                    if up_to:
+                        await channel.basic_ack(up_to, multiple=True)
+                    for tag in single:
+                        await channel.basic_ack(tag)
+                except Exception as exc:  # a channel from before a reconnect
+                    log.debug("could not ack messages: %r", exc)
 
     async def written(self, timeout: float) -> None:
-        """Wait until every ack so far has been handed to the socket (before closing the
-        connection, which drops frames still queued)."""
-        channels = list(self._pending)
-        self._flush()
-        loop = asyncio.get_running_loop()
-        waits = []
-        for channel in channels:
-            if channel.is_closed:
-                continue
-            done = loop.create_future()
-            channel.connection.write_queue.put_nowait(ChannelFrame(b"", False, done))
-            waits.append(done)
-        if waits:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.gather(*waits)
+        """Wait until every ack so far is written to the socket (closing the connection
+        drops frames still queued in aiormq)."""
+        if self._flushing:
+            self._flush()
+        if self._sender is not None:
+            await asyncio.wait([self._sender], timeout=timeout)
 
 
 class Delivery:
@@ -73,6 +126,7 @@ class Delivery:
         self._acks = acks
         # a consumer only gets Basic.Deliver, whose tag is always set
         self.delivery_tag: int = getattr(raw.delivery, "delivery_tag", 0)
+        acks.received(raw.channel, self.delivery_tag)
 
     @property
     def body(self) -> bytes:
@@ -87,15 +141,10 @@ class Delivery:
         return self._raw.header.properties.message_id
 
     def ack(self) -> None:
-        """Ack with this loop turn's batch. There is nothing to wait for: a channel that
-        closed first (a reconnect) has had its unacked messages requeued by the broker,
-        and their redeliveries find the run finished or leased."""
+        """Ack with this loop turn's batch. There is nothing to wait for: if the channel
+        closes first (a reconnect), the broker has requeued the message, and its
+        redelivery finds the run finished or leased."""
         self._acks.ack(self._raw.channel, self.delivery_tag)
 
     async def nack(self, requeue: bool = True) -> None:
-        """Nack; on a channel from before a reconnect this fails harmlessly (the broker has
-        requeued the message already)."""
-        try:
-            await self._raw.channel.basic_nack(self.delivery_tag, requeue=requeue)
-        except Exception as exc:
-            log.debug("could not nack a message: %r", exc)
+        await self._acks.nack(self._raw.channel, self.delivery_tag, requeue)
