@@ -6,43 +6,47 @@
 -- Returns {'ok', now} | {'terminal', status} | {'stale', status}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt')
-local function close_attempt()
-  local key = 'a:' .. ARGV[2]
-  local raw = redis.call('HGET', KEYS[1], key)
+local record_key = 'a:' .. ARGV[2]
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', record_key)
+-- The attempt record closed: the field and value to write.
+local function closed_attempt()
   local rec
-  if raw then rec = cjson.decode(raw) else
+  if r[4] then rec = cjson.decode(r[4]) else
     rec = {number = tonumber(ARGV[2]), started_at = now, worker = ARGV[1]} end
   rec.status = ARGV[4]
   rec.finished_at = now
   if ARGV[6] ~= '' then rec.error = ARGV[6] end
   if ARGV[7] ~= '' then rec.traceback = ARGV[7] end
-  redis.call('HSET', KEYS[1], key, cjson.encode(rec))
+  return cjson.encode(rec)
 end
 local status = r[1]
 if not status then return {'stale', 'MISSING'} end
 if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
   or status == 'TIMED_OUT' or status == 'EXPIRED' then
-  if r[3] == ARGV[2] and r[2] == ARGV[1] then close_attempt() end
+  if r[3] == ARGV[2] and r[2] == ARGV[1] then
+    redis.call('HSET', KEYS[1], record_key, closed_attempt())
+  end
   return {'terminal', status}
 end
 if status ~= 'EXECUTING' or r[2] ~= ARGV[1] or r[3] ~= ARGV[2] then return {'stale', status} end
-close_attempt()
 local run_status = ARGV[3]
 if run_status == 'RETRYING' then
   local at = now + tonumber(ARGV[9])
-  redis.call('HSET', KEYS[1], 'status', 'RETRYING', 'not_before', at, 'lease_until', 0,
-    'error', ARGV[6])
+  redis.call('HSET', KEYS[1], record_key, closed_attempt(), 'status', 'RETRYING',
+    'not_before', at, 'lease_until', 0, 'error', ARGV[6])
   redis.call('HINCRBY', KEYS[1], 'failures', 1)
   return {'ok', at}
 end
 if run_status == 'QUEUED' then
-  redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'lease_until', 0)
+  redis.call('HSET', KEYS[1], record_key, closed_attempt(), 'status', 'QUEUED', 'lease_until', 0)
   return {'ok', now}
 end
-redis.call('HSET', KEYS[1], 'status', run_status, 'finished_at', now, 'lease_until', 0)
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'output', ARGV[5]) end
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[6]) end
+-- Terminal: one write for the record, the status and what the run ended with.
+local fields = {record_key, closed_attempt(), 'status', run_status, 'finished_at', now,
+  'lease_until', 0}
+if ARGV[5] ~= '' then fields[#fields + 1] = 'output'; fields[#fields + 1] = ARGV[5] end
+if ARGV[6] ~= '' then fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[6] end
+redis.call('HSET', KEYS[1], unpack(fields))
 -- The run's error says why it ended: an earlier attempt's error stays on that attempt only.
 if run_status == 'COMPLETED' then redis.call('HDEL', KEYS[1], 'error') end
 if run_status == 'FAILED' then redis.call('HINCRBY', KEYS[1], 'failures', 1) end
