@@ -25,13 +25,18 @@ class Scripts:
             for name, src in self._source.items()
         }
 
+    def head(self, name: str, keys: int, args: int) -> bytes:
+        """The packed start of a call of `name` with that many keys and arguments; the
+        keys and arguments follow it, each packed with pipe.bulk()."""
+        return b"*%d\r\n%s%s" % (3 + keys + args, self._head[name], bulk(keys))
+
     async def call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
-        command = b"*%d\r\n%s%s%s" % (
-            3 + len(keys) + len(args),
-            self._head[name],
-            bulk(len(keys)),
-            b"".join(map(bulk, [*keys, *args])),
-        )
+        head = self.head(name, len(keys), len(args))
+        return await self.call_packed(name, head + b"".join(map(bulk, [*keys, *args])))
+
+    async def call_packed(self, name: str, command: bytes) -> Any:
+        """Send a whole call packed ahead (head() and bulk()): the hot path keeps the
+        parts that never change packed."""
         reply = await self.pipe.send(command)
         if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted or flushed its script cache: load the script and call again.

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunStatus
-from .pipe import RedisPipe
+from .pipe import Arg, RedisPipe, bulk
 from .scripts import Scripts
 from .settings import Settings
 
@@ -76,6 +76,9 @@ class RunStore:
         self.scripts = Scripts(self.pipe, ["create", "claim", "finish", "heartbeat", "cancel"])
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._run_ttl = str(int(settings.run_ttl))
+        # claim's arguments are the same for every run a worker claims: packed once.
+        self._claim_head = self.scripts.head("claim", 2, 5)
+        self._claim_tails: dict[tuple[str, bool], bytes] = {}
 
     async def close(self) -> None:
         await self.pipe.close()
@@ -126,11 +129,18 @@ class RunStore:
 
     async def claim(self, run_id: str, worker: str, *, alone: bool = False) -> Claim:
         """`alone`: nothing else runs in the worker, as a run's last chance needs (claim.lua)."""
-        reply = await self.scripts.call(
-            "claim",
-            [self.keys.run(run_id), self.keys.steps(run_id)],
-            [worker, self._lease_ms, self.settings.max_crashes, self._run_ttl, int(alone)],
-        )
+        tail = self._claim_tails.get((worker, alone))
+        if tail is None:
+            args: list[Arg] = [
+                worker,
+                self._lease_ms,
+                self.settings.max_crashes,
+                self._run_ttl,
+                int(alone),
+            ]
+            tail = self._claim_tails[worker, alone] = b"".join(map(bulk, args))
+        keys = bulk(self.keys.run(run_id)) + bulk(self.keys.steps(run_id))
+        reply = await self.scripts.call_packed("claim", self._claim_head + keys + tail)
         kind = reply[0].decode()
         if kind == "run":
             flat = reply[4:]
