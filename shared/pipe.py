@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
@@ -38,18 +39,40 @@ def pack(args: tuple[Arg, ...]) -> bytes:
     return b"*%d\r\n%s" % (len(args), b"".join(map(bulk, args)))
 
 
-class _Connection:
-    """One socket and the callers waiting for its replies, in the order they were sent."""
+class _Connection(asyncio.Protocol):
+    """One socket and the callers waiting for its replies, in the order they were sent.
 
-    __slots__ = ("reading", "waiting", "writer")
+    Replies are parsed as the bytes arrive (a protocol, not a stream and a reader task):
+    the callers wake in the loop turn after the reply, not one later."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, parser: hiredis.Reader, lost: Callable[[_Connection, Exception], None]):
+        self.parser = parser
+        self.lost = lost
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.reading: asyncio.Task[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self.waiting
+        try:
+            self.parser.feed(data)
+            reply = self.parser.gets()
+            while reply is not False:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_result(reply)
+                reply = self.parser.gets()
+        except Exception as exc:  # not the Redis protocol, or a reply nobody waits for
+            self.lost(self, RedisConnectionError(repr(exc)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost(self, RedisConnectionError(f"lost the Redis connection: {exc!r}"))
 
     def fail(self, error: Exception) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -92,16 +115,13 @@ class RedisPipe:
             await asyncio.wait([self._connecting])
         conn, self._conn = self._conn, None
         if conn is not None:
-            if conn.reading is not None:
-                conn.reading.cancel()
-                await asyncio.wait([conn.reading])
             conn.fail(RedisConnectionError("connection closed"))
 
     def _flush(self) -> None:
         """Write this turn's commands, without a task or an await: the futures are queued
         for replies in the same step as the bytes are written, so replies match in order.
         The callers awaiting their replies bound what is in flight, so nothing waits for
-        the socket buffer to drain; a broken socket shows up in the reader."""
+        the socket buffer to drain; a broken socket shows up as connection_lost."""
         if not self._futures:
             return
         conn = self._conn
@@ -113,8 +133,9 @@ class RedisPipe:
         futures, self._futures = self._futures, []
         conn.waiting.extend(futures)
         try:
-            conn.writer.write(b"".join(data))
-        except Exception as exc:  # the transport closed before the reader saw it
+            assert conn.transport is not None
+            conn.transport.write(b"".join(data))
+        except Exception as exc:  # the transport closed before connection_lost came
             self._drop(conn, RedisConnectionError(f"lost the Redis connection: {exc!r}"))
 
     async def _connect(self) -> None:
@@ -134,14 +155,19 @@ class RedisPipe:
     async def _open(self) -> _Connection:
         p = self._params
         cls = p.get("connection_class")
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> _Connection:
+            return _Connection(hiredis.Reader(replyError=ResponseError), self._drop)
+
+        conn: _Connection
         if cls is UnixDomainSocketConnection:
-            reader, writer = await asyncio.open_unix_connection(p["path"])
+            _, conn = await loop.create_unix_connection(protocol, p["path"])
         else:
             context = ssl.create_default_context() if cls is SSLConnection else None
-            reader, writer = await asyncio.open_connection(
-                p.get("host", "127.0.0.1"), p.get("port", 6379), ssl=context
+            _, conn = await loop.create_connection(
+                protocol, p.get("host", "127.0.0.1"), p.get("port", 6379), ssl=context
             )
-        parser = hiredis.Reader(replyError=ResponseError)
         handshake: list[tuple[Arg, ...]] = []
         if p.get("password"):
             user = p.get("username")
@@ -149,41 +175,15 @@ class RedisPipe:
         if p.get("db"):
             handshake.append(("SELECT", p["db"]))
         for command in handshake:
-            writer.write(pack(command))
-            reply: Any = False
-            while reply is False:
-                parser.feed(await reader.read(65536))
-                reply = parser.gets()
-            if isinstance(reply, ResponseError):
-                writer.close()
-                raise reply
-        conn = _Connection(writer)
-        conn.reading = asyncio.get_running_loop().create_task(self._read(conn, reader, parser))
+            reply = loop.create_future()
+            conn.waiting.append(reply)
+            assert conn.transport is not None
+            conn.transport.write(pack(command))
+            answer = await reply
+            if isinstance(answer, ResponseError):
+                conn.fail(RedisConnectionError("connection closed"))
+                raise answer
         return conn
-
-    async def _read(
-        self, conn: _Connection, reader: asyncio.StreamReader, parser: hiredis.Reader
-    ) -> None:
-        waiting = conn.waiting
-        try:
-            while True:
-                data = await reader.read(262144)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                parser.feed(data)
-                reply = parser.gets()
-                while reply is not False:
-                    future = waiting.popleft()
-                    if not future.done():
-                        future.set_result(reply)
-                    reply = parser.gets()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            error = (
-                exc if isinstance(exc, RedisConnectionError) else RedisConnectionError(repr(exc))
-            )
-            self._drop(conn, error)
 
     def _drop(self, conn: _Connection, error: Exception) -> None:
         """Fail every command waiting on a broken connection; the next call reconnects."""
