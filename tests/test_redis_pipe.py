@@ -91,6 +91,23 @@ async def test_auth_select_pipelining_and_error_replies(own_redis: OwnRedis) -> 
         await pipe.close()
 
 
+async def test_commands_issued_while_a_batch_is_in_flight_go_out_when_it_is_answered(
+    own_redis: OwnRedis,
+) -> None:
+    pipe = RedisPipe(f"redis://:s3cret@127.0.0.1:{own_redis.port}/0")
+    try:
+        await pipe.execute("PING")  # connected
+        first = pipe.call("INCR", "n")
+        await asyncio.sleep(0)  # the loop turn ends: the first batch is written
+        later = [pipe.call("INCR", "n") for _ in range(5)]
+        await asyncio.sleep(0)
+        more = [pipe.call("INCR", "n") for _ in range(5)]
+        assert await first == 1
+        assert await asyncio.gather(*later, *more) == list(range(2, 12))
+    finally:
+        await pipe.close()
+
+
 async def test_reconnects_after_a_restart_and_reloads_flushed_scripts(
     own_redis: OwnRedis,
 ) -> None:
