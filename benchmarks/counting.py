@@ -93,17 +93,17 @@ def _wrap_pipe() -> None:
     shared by the commands it carries."""
     from conveyor.shared.pipe import RedisPipe
 
-    send: Callable[..., Any] = RedisPipe._send
+    write: Callable[..., Any] = RedisPipe._write
 
-    async def counted_send(self: Any, batch: Any) -> Any:
+    def counted_write(self: Any, conn: Any, data: list[bytes], futures: Any) -> None:
         counts["redis pipeline"] += 1
-        for data, _future in batch:
+        for command in data:
             # b"*N\r\n$len\r\nCOMMAND\r\n...": the command name is the third line
-            command = _name(data.split(b"\r\n", 3)[2])
-            counts[f"redis in-pipeline {command}"] += 1
-        return await send(self, batch)
+            name = _name(command.split(b"\r\n", 3)[2])
+            counts[f"redis in-pipeline {name}"] += 1
+        write(self, conn, data, futures)
 
-    RedisPipe._send = counted_send  # type: ignore[method-assign]
+    RedisPipe._write = counted_write  # type: ignore[method-assign]
 
 
 def _wrap_aiormq() -> None:

@@ -148,6 +148,12 @@ class RedisPipe:
             return  # sent as soon as the batch in flight is answered (see _idle)
         data, self._data = self._data, []
         futures, self._futures = self._futures, []
+        self._write(conn, data, futures)
+
+    def _write(
+        self, conn: _Connection, data: list[bytes], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        """One write carrying a batch; its replies will come back in this order."""
         conn.waiting.extend(futures)
         try:
             assert conn.transport is not None
