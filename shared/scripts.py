@@ -27,21 +27,28 @@ class Scripts:
 
     def head(self, name: str, keys: int, args: int) -> bytes:
         """The packed start of a call of `name` with that many keys and arguments; the
-        keys and arguments follow it, each packed with pipe.bulk()."""
+        keys and arguments follow it, each packed with pipe.bulk(). The hot path keeps
+        the parts of its calls that never change packed."""
         return b"*%d\r\n%s%s" % (3 + keys + args, self._head[name], bulk(keys))
 
-    async def call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
-        head = self.head(name, len(keys), len(args))
-        return await self.call_packed(name, head + b"".join(map(bulk, [*keys, *args])))
+    def command(self, name: str, keys: list[str], args: list[Arg]) -> bytes:
+        return self.head(name, len(keys), len(args)) + b"".join(map(bulk, [*keys, *args]))
 
-    async def call_packed(self, name: str, command: bytes) -> Any:
-        """Send a whole call packed ahead (head() and bulk()): the hot path keeps the
-        parts that never change packed."""
+    async def call(self, name: str, keys: list[str], args: list[Arg]) -> Any:
+        command = self.command(name, keys, args)
         reply = await self.pipe.send(command)
-        if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-            # Redis restarted or flushed its script cache: load the script and call again.
-            await self.pipe.execute("SCRIPT", "LOAD", self._source[name])
-            reply = await self.pipe.send(command)
+        if isinstance(reply, ResponseError):
+            return await self.retry(name, command, reply)
+        return reply
+
+    async def retry(self, name: str, command: bytes, error: ResponseError) -> Any:
+        """After an error reply to `command`: if Redis restarted or flushed its script
+        cache (NOSCRIPT), load the script and call again; otherwise raise the error. The
+        hot path awaits the pipe itself and comes here only on an error."""
+        if not str(error).startswith("NOSCRIPT"):
+            raise error
+        await self.pipe.execute("SCRIPT", "LOAD", self._source[name])
+        reply = await self.pipe.send(command)
         if isinstance(reply, ResponseError):
             raise reply
         return reply

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunStatus
@@ -140,7 +141,10 @@ class RunStore:
             ]
             tail = self._claim_tails[worker, alone] = b"".join(map(bulk, args))
         keys = bulk(self.keys.run(run_id)) + bulk(self.keys.steps(run_id))
-        reply = await self.scripts.call_packed("claim", self._claim_head + keys + tail)
+        command = self._claim_head + keys + tail
+        reply = await self.scripts.pipe.send(command)
+        if isinstance(reply, ResponseError):
+            reply = await self.scripts.retry("claim", command, reply)
         kind = reply[0].decode()
         if kind == "run":
             flat = reply[4:]
@@ -170,7 +174,7 @@ class RunStore:
         traceback: str = "",
         retry_delay_ms: int = 0,
     ) -> Finish:
-        reply = await self.scripts.call(
+        command = self.scripts.command(
             "finish",
             [self.keys.run(run_id), self.keys.steps(run_id)],
             [
@@ -185,6 +189,9 @@ class RunStore:
                 retry_delay_ms,
             ],
         )
+        reply = await self.scripts.pipe.send(command)
+        if isinstance(reply, ResponseError):
+            reply = await self.scripts.retry("finish", command, reply)
         kind = reply[0].decode()
         if kind == "ok":
             return Finish("ok", at_ms=int(reply[1]))

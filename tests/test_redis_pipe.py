@@ -12,10 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from conveyor import RunStatus, Settings
 from conveyor.shared.pipe import RedisPipe
 from conveyor.shared.scripts import Scripts
+from conveyor.shared.store import NewRun, RunStore
 
 
 def _free_port() -> int:
@@ -135,3 +138,23 @@ async def test_unreachable_redis_fails_the_call_with_a_connection_error() -> Non
             await pipe.execute("PING")
     finally:
         await pipe.close()
+
+
+async def test_claim_and_finish_reload_flushed_scripts(own_redis: OwnRedis) -> None:
+    # The hot path packs these two calls itself; NOSCRIPT must still load and retry.
+    url = f"redis://:s3cret@127.0.0.1:{own_redis.port}/0"
+    r = aioredis.Redis.from_url(url)
+    store = RunStore(r, Settings(redis_url=url, namespace="pipe"))
+    try:
+        await store.create([NewRun("run_a", "t", "t", b"{}", [], None, 0)])
+        await r.script_flush()
+        claim = await store.claim("run_a", "w1")
+        assert (claim.kind, claim.attempt) == ("run", 1)
+        await r.script_flush()
+        finish = await store.finish(
+            "run_a", "w1", 1, run_status=RunStatus.COMPLETED, attempt_status="COMPLETED"
+        )
+        assert finish.kind == "ok"
+    finally:
+        await store.close()
+        await r.aclose()
