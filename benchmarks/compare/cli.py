@@ -237,7 +237,7 @@ async def run(args: argparse.Namespace) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(data, indent=1))
-    text = report.markdown(data, chart="latest.png")
+    text = report.markdown(data, chart="latest.png", analysis=RESULTS / "analysis.md")
     (args.out / "latest.md").write_text(text)
     report.chart(data, args.out / "latest.png")
     print("\n" + report.headline(data))

@@ -159,7 +159,9 @@ def headline(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown(data: Mapping[str, Any], chart: str) -> str:
+def markdown(data: Mapping[str, Any], chart: str, analysis: Path | None = None) -> str:
+    """The results file; `analysis` (hand-written: where the time goes, from profiles) is
+    included as it is."""
     m, plan = data["machine"], data["plan"]
     f = Figures(data["results"])
     sizes = plan["sizes"]
@@ -228,7 +230,8 @@ def markdown(data: Mapping[str, Any], chart: str) -> str:
         "| system | how | tasks/s | share of raw confirmed publishes |",
         "|---|---|---|---|",
     ]
-    for key in sorted(f.keys("drain")):
+    order = {name: i for i, name in enumerate(systems)}
+    for key in sorted(f.keys("drain"), key=lambda k: (order.get(k[1], 99), k[2])):
         _, system, variant = key
         if "backend" in variant:
             continue
@@ -287,6 +290,8 @@ def markdown(data: Mapping[str, Any], chart: str) -> str:
         f"redis-py pipelined HSET (pipelines of 1,000): "
         f"{f.cell('raw-redis', 'redis-py', 'pipelined HSET', 'hset_per_s', ',.0f')} ops/s.",
     ]
+    if analysis is not None and analysis.exists():
+        out += ["", analysis.read_text().strip()]
     if data["skipped"]:
         out += ["", "## Not measured", ""] + [f"- {reason}" for reason in data["skipped"]]
     out += ["", "## Versions", "", "| package | version |", "|---|---|"]
@@ -327,7 +332,8 @@ def chart(data: Mapping[str, Any], path: Path) -> None:
             low.append(mid - min(values) if values else 0.0)
             high.append(max(values) - mid if values else 0.0)
         xs = [x + (i - 1) * width for x in range(len(systems))]
-        left.bar(xs, medians, width, yerr=[low, high], capsize=3, label=variant)
+        label = variant + (" (conveyor: always)" if "backend" in variant else "")
+        left.bar(xs, medians, width, yerr=[low, high], capsize=3, label=label)
     left.set_xticks(range(len(systems)), systems)
     left.set_ylabel("no-op tasks/s")
     left.set_title("Drain")
@@ -338,10 +344,10 @@ def chart(data: Mapping[str, Any], path: Path) -> None:
         labels.append(f"raw {key[2]}" if key[1] == "aio-pika" else key[1])
         p50.append(f.get(*key, "p50_ms") or 0.0)
         p99.append(f.get(*key, "p99_ms") or 0.0)
-    xs = range(len(labels))
-    right.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
-    right.bar([x + 0.2 for x in xs], p99, 0.4, label="p99")
-    right.set_xticks(list(xs), labels, rotation=20)
+    positions = range(len(labels))
+    right.bar([x - 0.2 for x in positions], p50, 0.4, label="p50")
+    right.bar([x + 0.2 for x in positions], p99, 0.4, label="p99")
+    right.set_xticks(list(positions), labels, rotation=20)
     right.set_ylabel("ms, trigger to start")
     right.set_title(f"Latency at {data['plan']['sizes']['rate']:.0f} tasks/s")
     right.legend(fontsize=8)
