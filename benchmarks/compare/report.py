@@ -76,6 +76,15 @@ def targets(f: Figures) -> list[tuple[str, str, str, bool | None]]:
             _ratio(ours, theirs),
             needed,
         )
+    # The reference figure for Celery is prefork with 2 pool processes.
+    theirs = f.get("drain", "celery", "2 workers", "tasks_per_s")
+    if theirs is not None:
+        add(
+            "drain: conveyor, 1 worker >= 1.5x celery with 2 pool processes",
+            f"{_n(ours)} vs {_n(theirs)} tasks/s",
+            _ratio(ours, theirs),
+            1.5,
+        )
     for peer in PEERS:
         theirs = f.get("drain", peer, "1 worker, result backend", "tasks_per_s")
         if theirs is not None:
@@ -116,6 +125,18 @@ def targets(f: Figures) -> list[tuple[str, str, str, bool | None]]:
             1.0,
             lower=True,
         )
+        same_queue = {
+            p: _latency(f, p, name) for p in PEERS if (_queue_types(f).get(p) == "quorum")
+        }
+        best_q, best_q_ms = _best(same_queue, highest=False)
+        if best_q_ms is not None and best_q != best:
+            add(
+                f"latency {pct}: conveyor vs the best peer on a quorum queue ({best_q}) (no target)",
+                f"{_ms(ours_ms)} vs {_ms(best_q_ms)}",
+                _ratio(ours_ms, best_q_ms),
+                1.0,
+                lower=True,
+            )
         raw_ms = f.get("latency", "aio-pika", "quorum", name)
         add(
             f"latency {pct}: conveyor <= 2x raw aio-pika on a quorum queue",
