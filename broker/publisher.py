@@ -113,6 +113,10 @@ class _Routed:
         self.headers = headers
 
 
+# The messages of one publish call, and the future that gets their confirmations.
+_Queued = tuple[list[_Routed], asyncio.Future[list[asyncio.Future[Any]]]]
+
+
 class Publisher:
     def __init__(self, settings: Settings, topology: Topology) -> None:
         self.settings = settings
@@ -120,6 +124,8 @@ class Publisher:
         self.names = topology.names
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
+        self._pending: list[_Queued] = []
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def connect(self, connection: AbstractRobustConnection) -> None:
         self.connection = connection
@@ -165,95 +171,87 @@ class Publisher:
         pause = 0.05
         while messages:
             try:
-                channel = cast(aiormq.Channel, await self._require().get_underlay_channel())
-                confirms = await self._write(channel, messages)
+                confirms = await self._queue(messages)
             except _TRANSIENT as exc:
                 pause = await self._pause(exc, pause, deadline)
                 continue
-            messages, lost = await self._confirmed(channel, messages, confirms)
+            messages, lost = await self._confirmed(messages, confirms)
             if lost is not None:
                 pause = await self._pause(lost, pause, deadline)
 
-    async def _write(
-        self, channel: aiormq.Channel, messages: list[_Routed]
-    ) -> list[tuple[int, asyncio.Future[Any]]]:
-        """Queue the messages' frames as one write and register a confirmation for each,
-        numbered as aiormq's basic_publish numbers them, under the same channel lock."""
-        number, limit = channel.number, channel.max_content_size
-        end = _FRAME_END
-        methods: dict[tuple[str, str], bytes] = {}
-        parts: list[bytes] = []
-        for m in messages:
-            method = methods.get((m.exchange, m.routing_key))
-            if method is None:
-                payload = _PUBLISH + _short(m.exchange) + _short(m.routing_key) + _MANDATORY
-                method = _FRAME.pack(_METHOD, number, len(payload)) + payload + end
-                methods[m.exchange, m.routing_key] = method
-            body = m.body
-            flags = _CONTENT_TYPE | _DELIVERY_MODE | _MESSAGE_ID
-            table = b""
-            if m.headers:
-                flags |= _HAS_HEADERS
-                table = field_table(dict(m.headers))
-            header = (
-                _CONTENT.pack(_BASIC, 0, len(body), flags)
-                + _JSON
-                + table
-                + _PERSISTENT
-                + _short(m.message_id)
-            )
-            parts += (method, _FRAME.pack(_HEADER, number, len(header)), header, end)
-            for start in range(0, len(body), limit):
-                chunk = body[start : start + limit]
-                parts += (_FRAME.pack(_BODY, number, len(chunk)), chunk, end)
-        frame = ChannelFrame(payload=b"".join(parts), should_close=False)
-        async with channel.lock:
-            # Registered only once queued: no await between here and the end of the block,
-            # so the writer cannot send these frames (nor the broker confirm them) before.
-            await channel.write_queue.put(frame)
-            confirms = []
-            tags = channel.message_id_delivery_tag
-            for m in messages:
-                channel.delivery_tag += 1
-                confirm = channel.create_future()
-                channel.confirmations[channel.delivery_tag] = confirm
-                tags[m.message_id] = channel.delivery_tag
-                confirms.append((channel.delivery_tag, confirm))
-        return confirms
+    def _queue(self, messages: list[_Routed]) -> asyncio.Future[list[asyncio.Future[Any]]]:
+        """Join this loop turn's write; the future gets a confirmation per message."""
+        loop = asyncio.get_running_loop()
+        queued: asyncio.Future[list[asyncio.Future[Any]]] = loop.create_future()
+        self._pending.append((messages, queued))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return queued
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, batch: list[_Queued]) -> None:
+        """Queue the frames of every message of the batch as one write to the connection,
+        and register a confirmation for each, numbered as aiormq's basic_publish numbers
+        them, under the same channel lock."""
+        try:
+            channel = cast(aiormq.Channel, await self._require().get_underlay_channel())
+            parts, framed = [], []
+            for messages, queued in batch:
+                if queued.done():
+                    continue  # the caller was cancelled
+                try:
+                    parts.append(_frames(channel.number, channel.max_content_size, messages))
+                except ValueError as exc:
+                    queued.set_exception(exc)
+                    continue
+                framed.append((messages, queued))
+            batch = framed
+            frame = ChannelFrame(payload=b"".join(parts), should_close=False)
+            async with channel.lock:
+                # Registered only once queued: no await from here to the end of the block,
+                # so the writer cannot send these frames (nor the broker confirm them) before.
+                await channel.write_queue.put(frame)
+                for messages, queued in batch:
+                    confirms = [_register(channel, m.message_id) for m in messages]
+                    if not queued.done():
+                        queued.set_result(confirms)
+        except Exception as exc:
+            for _, queued in batch:
+                if not queued.done():
+                    queued.set_exception(exc)
+        except BaseException:
+            for _, queued in batch:
+                queued.cancel()
+            raise
 
     async def _confirmed(
-        self,
-        channel: aiormq.Channel,
-        messages: list[_Routed],
-        confirms: list[tuple[int, asyncio.Future[Any]]],
+        self, messages: list[_Routed], confirms: list[asyncio.Future[Any]]
     ) -> tuple[list[_Routed], BaseException | None]:
         """Wait for every confirmation; returns the messages a lost connection took, and
         why. Raises PublishFailed for an unroutable or refused message."""
         lost: list[_Routed] = []
         cause: BaseException | None = None
         failed: PublishFailed | None = None
-        try:
-            for m, (_, confirm) in zip(messages, confirms, strict=True):
-                try:
-                    await confirm
-                except _TRANSIENT as exc:
-                    lost.append(m)
-                    cause = exc
-                except PublishError as exc:
-                    failed = failed or PublishFailed(
-                        f"the broker could not route the message for queue {m.queue!r} "
-                        f"(is the queue declared in namespace {self.settings.namespace!r}?): {exc}"
-                    )
-                except DeliveryError as exc:
-                    failed = failed or PublishFailed(
-                        f"the broker refused the message for {m.queue!r}: {exc}"
-                    )
-        finally:
-            # aiormq's basic_publish forgets a message id once its confirmation is done
-            tags = channel.message_id_delivery_tag
-            for m, (tag, confirm) in zip(messages, confirms, strict=True):
-                if confirm.done() and tags.get(m.message_id) == tag:
-                    del tags[m.message_id]
+        for m, confirm in zip(messages, confirms, strict=True):
+            try:
+                await confirm
+            except _TRANSIENT as exc:
+                lost.append(m)
+                cause = exc
+            except PublishError as exc:
+                failed = failed or PublishFailed(
+                    f"the broker could not route the message for queue {m.queue!r} "
+                    f"(is the queue declared in namespace {self.settings.namespace!r}?): {exc}"
+                )
+            except DeliveryError as exc:
+                failed = failed or PublishFailed(
+                    f"the broker refused the message for {m.queue!r}: {exc}"
+                )
         if failed is not None:
             raise failed
         return lost, cause
@@ -273,6 +271,56 @@ class Publisher:
         if self.channel is None:
             raise RuntimeError("publisher used before connect()")
         return self.channel
+
+
+def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
+    """The frames of each message on channel `number`: basic.publish (mandatory), the
+    content header, and body frames of at most `limit` bytes."""
+    end = _FRAME_END
+    methods: dict[tuple[str, str], bytes] = {}
+    parts: list[bytes] = []
+    for m in messages:
+        method = methods.get((m.exchange, m.routing_key))
+        if method is None:
+            payload = _PUBLISH + _short(m.exchange) + _short(m.routing_key) + _MANDATORY
+            method = _FRAME.pack(_METHOD, number, len(payload)) + payload + end
+            methods[m.exchange, m.routing_key] = method
+        body = m.body
+        flags = _CONTENT_TYPE | _DELIVERY_MODE | _MESSAGE_ID
+        table = b""
+        if m.headers:
+            flags |= _HAS_HEADERS
+            table = field_table(dict(m.headers))
+        header = (
+            _CONTENT.pack(_BASIC, 0, len(body), flags)
+            + _JSON
+            + table
+            + _PERSISTENT
+            + _short(m.message_id)
+        )
+        parts += (method, _FRAME.pack(_HEADER, number, len(header)), header, end)
+        for start in range(0, len(body), limit):
+            chunk = body[start : start + limit]
+            parts += (_FRAME.pack(_BODY, number, len(chunk)), chunk, end)
+    return b"".join(parts)
+
+
+def _register(channel: aiormq.Channel, message_id: str) -> asyncio.Future[Any]:
+    """The next delivery tag's confirmation, as aiormq's basic_publish registers it: the
+    message id lets a return (unroutable) find it, and is forgotten once it is done."""
+    channel.delivery_tag += 1
+    tag = channel.delivery_tag
+    confirm = channel.create_future()
+    channel.confirmations[tag] = confirm
+    tags = channel.message_id_delivery_tag
+    tags[message_id] = tag
+
+    def forget(_: asyncio.Future[Any]) -> None:
+        if tags.get(message_id) == tag:
+            del tags[message_id]
+
+    confirm.add_done_callback(forget)
+    return confirm
 
 
 def _safe_url(url: str) -> str:
