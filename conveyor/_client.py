@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -269,11 +270,9 @@ class Client:
 
 
 async def _settled(future: asyncio.Future[Any]) -> None:
-    """Wait for a future without raising what it holds (retrieved, so asyncio does not log it)."""
-    if not future.done():
-        await asyncio.wait([future])
-    if not future.cancelled():
-        future.exception()
+    """Wait for a future without raising the error it may hold."""
+    with contextlib.suppress(Exception):
+        await future
 
 
 _active: ContextVar[Client | None] = ContextVar("conveyor_client", default=None)
