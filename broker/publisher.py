@@ -3,11 +3,12 @@
 A publish returns only once the broker has confirmed the message; an unroutable message
 or a nack raises PublishFailed; a lost connection is retried until `publish_timeout`.
 
-Messages are framed here and handed to aiormq's connection writer as one write per
-call, with a confirmation registered per message on the channel the way aiormq's own
-`basic_publish` does it. aio-pika's path (a Message object, a task, a lock, a timeout
-and a socket write per message, each write waiting for the one before) cost about eight
-times as much client CPU per message as the broker's confirm; triggers are mostly that.
+Messages are framed here (AMQP 0-9-1) and handed to aiormq's connection writer: every
+message published in one turn of the event loop, by any number of calls, goes out in one
+write, numbered and confirmed through the bookkeeping aiormq keeps for its own
+`basic_publish` (see _Tally). aio-pika's path (a Message object, a task, a lock, a
+timeout and a socket write per message, each publish holding the channel lock until its
+frames were written) cost about 70 us of client CPU per message here; this about 9.
 """
 
 from __future__ import annotations
