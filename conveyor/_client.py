@@ -187,7 +187,8 @@ class Client:
         delay_ms = int((opts.delay or 0) * 1000)
         if self._connection is None:
             await self.connect()
-        await self.publisher.ensure_queue(queue)
+        if queue not in self.topology.declared_queues:
+            await self.publisher.ensure_queue(queue)
         runs = [
             NewRun(new_run_id(), task_id, queue, body, opts.tags, opts.idempotency_key, delay_ms)
             for body in payloads
@@ -201,7 +202,10 @@ class Client:
             finally:
                 # Answered before returning, so the runs can be read at once. The messages
                 # are in the broker: the runs happen even if Redis failed just now.
-                await _settled(creating)
+                if not creating.done():
+                    await _settled(creating)
+                elif not creating.cancelled():
+                    creating.exception()  # retrieved, so asyncio does not log it
             return [RunHandle(run.run_id, self, decode) for run in runs]
         created = await self.store.create(runs)
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
