@@ -47,6 +47,10 @@ Headers = Mapping[str, aio_pika.abc.FieldValue]
 REASON_HEADER = "x-conveyor-reason"
 QUEUE_HEADER = "x-conveyor-queue"
 
+# aiormq looks at every unconfirmed message of the channel for each confirm frame, so
+# a very large batch goes out in windows of this many, each confirmed before the next.
+_WINDOW = 4096
+
 _TRANSIENT = (AMQPConnectionError, ChannelInvalidStateError, ChannelClosed, ConnectionError)
 
 # AMQP 0-9-1 framing (spec section 4.2.3): type, channel, payload size, payload, end octet.
@@ -254,7 +258,8 @@ class Publisher:
             else:
                 exchange, routing_key = self.names.runs, m.queue
             routed.append(_Routed(m.queue, exchange, routing_key, m.body, m.message_id, m.headers))
-        await self._send(routed)
+        for start in range(0, len(routed), _WINDOW):
+            await self._send(routed[start : start + _WINDOW])
 
     async def dead_letter(self, body: bytes, queue: str, reason: str, headers: Headers) -> None:
         merged = {k: v for k, v in headers.items() if not k.startswith("x-death")}
