@@ -247,7 +247,8 @@ class Publisher:
                 pause = await self._pause(exc, pause, deadline)
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
-        """Publish all messages in one write; returns when every one is confirmed."""
+        """Publish the messages, in one write with those of other calls made in the same
+        turn of the event loop; returns when every one is confirmed."""
         routed = []
         for m in messages:
             if m.delay_ms > 0:
