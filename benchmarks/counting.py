@@ -11,7 +11,8 @@ Keys of `counts`:
   redis <CMD>            a command sent on its own: one round trip
   redis pipeline         one pipeline sent: one round trip
   redis in-pipeline <CMD>  a command carried by a pipeline (no round trip of its own)
-  amqp publish           basic.publish; on a confirm channel the confirm makes it a round trip
+  amqp publish           basic.publish (aiormq's, or a message framed by conveyor's publisher);
+                         on a confirm channel the confirm makes it a round trip
   amqp deliver           basic.deliver received from the broker (no reply)
   amqp ack / nack        basic.ack / basic.nack sent (no reply)
   amqp rpc <Method>      a synchronous AMQP method (declare, bind, qos, consume ...): a round trip
@@ -44,6 +45,7 @@ def install() -> None:
     _wrap_redis()
     _wrap_pipe()
     _wrap_aiormq()
+    _wrap_publisher()
 
 
 def reset() -> None:
@@ -128,3 +130,17 @@ def _wrap_aiormq() -> None:
     Channel.basic_nack = counting("amqp nack", Channel.basic_nack)  # type: ignore[method-assign]
     Channel.basic_reject = counting("amqp reject", Channel.basic_reject)  # type: ignore[method-assign]
     Channel._on_deliver_frame = counting("amqp deliver", Channel._on_deliver_frame)  # type: ignore[method-assign]
+
+
+def _wrap_publisher() -> None:
+    """conveyor's publisher frames its messages itself, without aiormq's basic_publish:
+    count each message it numbers for a confirm."""
+    from conveyor.broker.publisher import _Tally
+
+    register: Callable[..., None] = _Tally.register
+
+    def counted_register(self: Any, *args: Any, **kwargs: Any) -> None:
+        counts["amqp publish"] += len(self.messages)
+        register(self, *args, **kwargs)
+
+    _Tally.register = counted_register  # type: ignore[method-assign]

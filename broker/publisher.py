@@ -2,18 +2,28 @@
 
 A publish returns only once the broker has confirmed the message; an unroutable message
 or a nack raises PublishFailed; a lost connection is retried until `publish_timeout`.
+
+Messages are framed here (AMQP 0-9-1) and handed to aiormq's connection writer: every
+message published in one turn of the event loop, by any number of calls, goes out in one
+write, numbered and confirmed through the bookkeeping aiormq keeps for its own
+`basic_publish` (see _Tally). aio-pika's path (a Message object, a task, a lock, a
+timeout and a socket write per message, each publish holding the channel lock until its
+frames were written) cost about 70 us of client CPU per message here; this about 9.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aio_pika.exceptions import (
     AMQPConnectionError,
     ChannelClosed,
@@ -21,6 +31,8 @@ from aio_pika.exceptions import (
     DeliveryError,
     PublishError,
 )
+from aiormq.abc import ChannelFrame
+from pamqp.encode import field_table
 
 from conveyor.shared.errors import PublishFailed
 from conveyor.shared.settings import Settings
@@ -30,14 +42,36 @@ from .topology import Topology
 
 log = logging.getLogger("conveyor.broker")
 
-T = TypeVar("T")
-
 Headers = Mapping[str, aio_pika.abc.FieldValue]
 
 REASON_HEADER = "x-conveyor-reason"
 QUEUE_HEADER = "x-conveyor-queue"
 
+# aiormq looks at every unconfirmed message of the channel for each confirm frame, so
+# a very large batch goes out in windows of this many, each confirmed before the next.
+_WINDOW = 4096
+
 _TRANSIENT = (AMQPConnectionError, ChannelInvalidStateError, ChannelClosed, ConnectionError)
+
+# AMQP 0-9-1 framing (spec section 4.2.3): type, channel, payload size, payload, end octet.
+_FRAME = struct.Struct(">BHI")
+_FRAME_END = b"\xce"
+_METHOD, _HEADER, _BODY = 1, 2, 3
+_BASIC = 60
+_PUBLISH = struct.pack(">HHH", _BASIC, 40, 0)  # basic.publish, reserved ticket 0
+_MANDATORY = b"\x01"
+# Content header: class, weight 0, body size, property flags, then the properties in flag order.
+_CONTENT = struct.Struct(">HHQH")
+_CONTENT_TYPE, _HAS_HEADERS, _DELIVERY_MODE, _MESSAGE_ID = 0x8000, 0x2000, 0x1000, 0x0080
+_JSON = b"\x10application/json"
+_PERSISTENT = b"\x02"
+
+
+def _short(value: str) -> bytes:
+    data = value.encode()
+    if len(data) > 255:
+        raise ValueError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
+    return bytes((len(data),)) + data
 
 
 class Outgoing:
@@ -61,6 +95,129 @@ class Outgoing:
         self.headers = headers
 
 
+class _Routed:
+    """A message with its exchange and routing key decided."""
+
+    __slots__ = ("body", "exchange", "headers", "message_id", "queue", "routing_key")
+
+    def __init__(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None,
+        headers: Headers | None,
+    ) -> None:
+        self.queue = queue
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.body = body
+        # aiormq matches a returned (unroutable) message to its publish by message id
+        self.message_id = message_id or uuid.uuid4().hex
+        self.headers = headers
+
+
+class _Tally:
+    """The confirmations of one publish call's messages; `done` is set once all are in.
+
+    Each message's entry in aiormq's `channel.confirmations` is a _Confirm, which aiormq
+    settles as it settles the future its own basic_publish puts there (a result on an ack,
+    an error on a nack or a return). One future per call instead of aiormq's one per
+    message, each tracked by the channel and the connection with four callbacks, which
+    were a fifth of a trigger's client time."""
+
+    __slots__ = ("done", "first", "left", "messages", "outcomes", "settled", "tags", "watch")
+
+    def __init__(self, messages: list[_Routed]) -> None:
+        self.messages = messages
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.outcomes: list[BaseException | None] = [None] * len(messages)
+        self.settled = [False] * len(messages)
+        self.left = len(messages)
+        self.tags: dict[str, int] = {}
+        self.first = 0
+        self.watch: _Watch | None = None
+
+    def register(self, channel: aiormq.Channel, watch: _Watch) -> None:
+        """Number the messages with the channel's next delivery tags, as basic_publish
+        does; a message id lets a return (unroutable) find its message."""
+        self.watch = watch
+        self.tags = channel.message_id_delivery_tag
+        self.first = channel.delivery_tag + 1
+        confirmations = cast(dict[int, Any], channel.confirmations)
+        for index, m in enumerate(self.messages):
+            channel.delivery_tag += 1
+            confirmations[channel.delivery_tag] = _Confirm(self, index)
+            self.tags[m.message_id] = channel.delivery_tag
+
+    def settle(self, index: int, error: BaseException | None) -> None:
+        if self.settled[index]:
+            return
+        self.settled[index] = True
+        self.outcomes[index] = error
+        message_id = self.messages[index].message_id
+        if self.tags.get(message_id) == self.first + index:
+            del self.tags[message_id]
+        self.left -= 1
+        if not self.left:
+            if not self.done.done():
+                self.done.set_result(None)
+            if self.watch is not None:
+                self.watch.settled()
+
+    def fail(self, error: BaseException) -> None:
+        """Settle every message not settled yet with this error."""
+        for index in range(len(self.messages)):
+            self.settle(index, error)
+
+
+class _Confirm:
+    """One message's entry in aiormq's channel.confirmations (see _Tally)."""
+
+    __slots__ = ("index", "tally")
+
+    def __init__(self, tally: _Tally, index: int) -> None:
+        self.tally = tally
+        self.index = index
+
+    def done(self) -> bool:
+        return self.tally.settled[self.index]
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _: object) -> None:
+        self.tally.settle(self.index, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.tally.settle(self.index, error)
+
+
+class _Watch:
+    """Fails the tallies of one write if their channel closes first: aiormq rejects every
+    future of a closing channel, and this is one; it is resolved once they are settled."""
+
+    __slots__ = ("future", "left", "tallies")
+
+    def __init__(self, channel: aiormq.Channel, tallies: list[_Tally]) -> None:
+        self.tallies = tallies
+        self.left = len(tallies)
+        self.future = channel.create_future()
+        self.future.add_done_callback(self._closed)
+
+    def _closed(self, future: asyncio.Future[Any]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            for tally in self.tallies:
+                tally.fail(error)
+
+    def settled(self) -> None:
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+
 class Publisher:
     def __init__(self, settings: Settings, topology: Topology) -> None:
         self.settings = settings
@@ -68,80 +225,182 @@ class Publisher:
         self.names = topology.names
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._pending: list[_Tally] = []
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def connect(self, connection: AbstractRobustConnection) -> None:
         self.connection = connection
         self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self.topology.declare_base(self.channel)
-        for name in (self.names.runs, self.names.delay_entry, self.names.dead):
-            self._exchanges[name] = await self.channel.get_exchange(name, ensure=False)
 
     async def ensure_queue(self, queue: str) -> None:
         """Declare a work queue once, so triggers before any worker starts are kept."""
-        if queue not in self.topology.declared_queues:
-            await self._retrying(lambda: self.topology.declare_queue(self._require(), queue))
-
-    async def publish(self, messages: Sequence[Outgoing]) -> None:
-        """Publish all messages concurrently; returns when every one is confirmed."""
-        await asyncio.gather(*(self._publish_one(m) for m in messages))
-
-    async def dead_letter(self, body: bytes, queue: str, reason: str, headers: Headers) -> None:
-        merged = {k: v for k, v in headers.items() if not k.startswith("x-death")}
-        merged.update({REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
-        message = self._message(body, None, merged)
-        await self._retrying(
-            lambda: self._exchanges[self.names.dead].publish(message, "", mandatory=True)
-        )
-
-    async def _publish_one(self, out: Outgoing) -> None:
-        message = self._message(out.body, out.message_id, out.headers)
-        if out.delay_ms > 0:
-            exchange = self._exchanges[self.names.delay_entry]
-            routing_key = delay_routing_key(out.delay_ms, out.queue)
-        else:
-            exchange = self._exchanges[self.names.runs]
-            routing_key = out.queue
-        try:
-            await self._retrying(lambda: exchange.publish(message, routing_key, mandatory=True))
-        except PublishError as exc:
-            raise PublishFailed(
-                f"the broker could not route the message for queue {out.queue!r} "
-                f"(is the queue declared in namespace {self.settings.namespace!r}?): {exc}"
-            ) from exc
-        except DeliveryError as exc:
-            raise PublishFailed(f"the broker refused the message for {out.queue!r}: {exc}") from exc
-
-    @staticmethod
-    def _message(body: bytes, message_id: str | None, headers: Headers | None) -> aio_pika.Message:
-        return aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            headers=dict(headers) if headers else None,
-        )
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        if queue in self.topology.declared_queues:
+            return
         deadline = time.monotonic() + self.settings.publish_timeout
         pause = 0.05
         while True:
             try:
-                return await attempt()
+                await self.topology.declare_queue(self._require(), queue)
+                return
             except _TRANSIENT as exc:
-                if time.monotonic() + pause > deadline:
-                    raise PublishFailed(
-                        f"RabbitMQ at {_safe_url(self.settings.amqp_url)} did not take the message "
-                        f"within {self.settings.publish_timeout}s: {exc!r}"
-                    ) from exc
-                log.warning("broker unavailable (%r); retrying in %.2fs", exc, pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                pause = await self._pause(exc, pause, deadline)
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Publish the messages, in one write with those of other calls made in the same
+        turn of the event loop; returns when every one is confirmed."""
+        routed = []
+        for m in messages:
+            if m.delay_ms > 0:
+                exchange, routing_key = (
+                    self.names.delay_entry,
+                    delay_routing_key(m.delay_ms, m.queue),
+                )
+            else:
+                exchange, routing_key = self.names.runs, m.queue
+            routed.append(_Routed(m.queue, exchange, routing_key, m.body, m.message_id, m.headers))
+        for start in range(0, len(routed), _WINDOW):
+            await self._send(routed[start : start + _WINDOW])
+
+    async def dead_letter(self, body: bytes, queue: str, reason: str, headers: Headers) -> None:
+        merged = {k: v for k, v in headers.items() if not k.startswith("x-death")}
+        merged.update({REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
+        await self._send([_Routed(queue, self.names.dead, "", body, None, merged)])
+
+    async def _send(self, messages: list[_Routed]) -> None:
+        """Publish until every message is confirmed; what a lost connection took is sent
+        again until `publish_timeout`."""
+        deadline = time.monotonic() + self.settings.publish_timeout
+        pause = 0.05
+        while messages:
+            tally = self._queue(messages)
+            await tally.done
+            messages, lost = self._outcome(tally)
+            if lost is not None:
+                pause = await self._pause(lost, pause, deadline)
+
+    def _queue(self, messages: list[_Routed]) -> _Tally:
+        """Join this loop turn's write."""
+        tally = _Tally(messages)
+        self._pending.append(tally)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return tally
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, batch: list[_Tally]) -> None:
+        """Queue the frames of every message of the batch as one write to the connection,
+        numbered under the channel lock that aiormq's basic_publish holds to number its own."""
+        try:
+            channel = cast(aiormq.Channel, await self._require().get_underlay_channel())
+            parts, framed = [], []
+            for tally in batch:
+                if tally.done.done():
+                    continue  # the caller was cancelled
+                try:
+                    parts.append(_frames(channel.number, channel.max_content_size, tally.messages))
+                except ValueError as exc:
+                    tally.fail(exc)
+                    continue
+                framed.append(tally)
+            if not framed:
+                return
+            frame = ChannelFrame(payload=b"".join(parts), should_close=False)
+            async with channel.lock:
+                await channel.write_queue.put(frame)
+                # No await from here on: the writer cannot send the frames (nor the broker
+                # confirm them) before they are registered.
+                watch = _Watch(channel, framed)
+                for tally in framed:
+                    tally.register(channel, watch)
+        except Exception as exc:
+            for tally in batch:
+                if tally.watch is None:
+                    tally.fail(exc)
+        except BaseException:
+            for tally in batch:
+                tally.done.cancel()
+            raise
+
+    def _outcome(self, tally: _Tally) -> tuple[list[_Routed], BaseException | None]:
+        """The messages a lost connection took, and why. Raises PublishFailed for an
+        unroutable or refused message."""
+        lost: list[_Routed] = []
+        cause: BaseException | None = None
+        failed: PublishFailed | None = None
+        for m, error in zip(tally.messages, tally.outcomes, strict=True):
+            if error is None:
+                continue
+            if isinstance(error, _TRANSIENT):
+                lost.append(m)
+                cause = error
+            elif isinstance(error, PublishError):
+                failed = failed or PublishFailed(
+                    f"the broker could not route the message for queue {m.queue!r} "
+                    f"(is the queue declared in namespace {self.settings.namespace!r}?): {error}"
+                )
+            elif isinstance(error, DeliveryError):
+                failed = failed or PublishFailed(
+                    f"the broker refused the message for {m.queue!r}: {error}"
+                )
+            else:
+                raise error
+        if failed is not None:
+            raise failed
+        return lost, cause
+
+    async def _pause(self, exc: BaseException, pause: float, deadline: float) -> float:
+        """Wait before trying again, or raise PublishFailed when out of time."""
+        if time.monotonic() + pause > deadline:
+            raise PublishFailed(
+                f"RabbitMQ at {_safe_url(self.settings.amqp_url)} did not take the message "
+                f"within {self.settings.publish_timeout}s: {exc!r}"
+            ) from exc
+        log.warning("broker unavailable (%r); retrying in %.2fs", exc, pause)
+        await asyncio.sleep(pause)
+        return min(pause * 2, 1.0)
 
     def _require(self) -> AbstractChannel:
         if self.channel is None:
             raise RuntimeError("publisher used before connect()")
         return self.channel
+
+
+def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
+    """The frames of each message on channel `number`: basic.publish (mandatory), the
+    content header, and body frames of at most `limit` bytes."""
+    end = _FRAME_END
+    methods: dict[tuple[str, str], bytes] = {}
+    parts: list[bytes] = []
+    for m in messages:
+        method = methods.get((m.exchange, m.routing_key))
+        if method is None:
+            payload = _PUBLISH + _short(m.exchange) + _short(m.routing_key) + _MANDATORY
+            method = _FRAME.pack(_METHOD, number, len(payload)) + payload + end
+            methods[m.exchange, m.routing_key] = method
+        body = m.body
+        flags = _CONTENT_TYPE | _DELIVERY_MODE | _MESSAGE_ID
+        table = b""
+        if m.headers:
+            flags |= _HAS_HEADERS
+            table = field_table(dict(m.headers))
+        header = (
+            _CONTENT.pack(_BASIC, 0, len(body), flags)
+            + _JSON
+            + table
+            + _PERSISTENT
+            + _short(m.message_id)
+        )
+        parts += (method, _FRAME.pack(_HEADER, number, len(header)), header, end)
+        for start in range(0, len(body), limit):
+            chunk = body[start : start + limit]
+            parts += (_FRAME.pack(_BODY, number, len(chunk)), chunk, end)
+    return b"".join(parts)
 
 
 def _safe_url(url: str) -> str:

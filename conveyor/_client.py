@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -27,7 +28,7 @@ from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import Run, RunMessage, RunStatus
 from conveyor.shared.names import check_name
 from conveyor.shared.settings import Settings
-from conveyor.shared.store import NewRun, RunStore, decode_any
+from conveyor.shared.store import Created, NewRun, RunStore, decode_any
 
 if TYPE_CHECKING:
     from ._task import Task, TriggerOptions
@@ -117,13 +118,19 @@ class Client:
         """Connect to RabbitMQ (Redis connects per command); called on first use."""
         async with self._connect_lock:
             if self._connection is None:
-                self._connection = await aio_pika.connect_robust(
+                connection = await aio_pika.connect_robust(
                     self.settings.amqp_url,
                     client_properties={
                         "connection_name": f"conveyor-client:{self.settings.namespace}"
                     },
                 )
-                await self.publisher.connect(self._connection)
+                try:
+                    await self.publisher.connect(connection)
+                except BaseException:
+                    await connection.close()
+                    raise
+                # Set last: a trigger that finds it set goes on without the lock.
+                self._connection = connection
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -178,26 +185,27 @@ class Client:
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
         delay_ms = int((opts.delay or 0) * 1000)
-        await self.connect()
-        await self.publisher.ensure_queue(queue)
+        if self._connection is None:
+            await self.connect()
+        if queue not in self.topology.declared_queues:
+            await self.publisher.ensure_queue(queue)
         runs = [
             NewRun(new_run_id(), task_id, queue, body, opts.tags, opts.idempotency_key, delay_ms)
             for body in payloads
         ]
         if opts.idempotency_key is None and not delay_ms:
-            # Nothing to look up first, so the run is created and its message published at
-            # once: a worker that gets the message before the run exists creates it itself.
-            outcome = await asyncio.gather(
-                self.store.create(runs),
-                self._publish(runs, self._messages(task_id, queue, runs, None)),
-                return_exceptions=True,
-            )
-            for result in (outcome[1], outcome[0]):
-                if isinstance(result, BaseException) and not isinstance(result, Exception):
-                    raise result
-            if isinstance(outcome[1], BaseException):
-                raise outcome[1]  # _publish has marked the runs FAILED
-            # The messages are in the broker: the runs happen even if Redis failed just now.
+            # Nothing to look up first, so the runs are created and their messages published
+            # at once: a worker that gets a message before its run exists creates it itself.
+            creating = self.store.create(runs)
+            try:
+                await self._publish(runs, self._messages(task_id, queue, runs, None), creating)
+            finally:
+                # Answered before returning, so the runs can be read at once. The messages
+                # are in the broker: the runs happen even if Redis failed just now.
+                if not creating.done():
+                    await _settled(creating)
+                elif not creating.cancelled():
+                    creating.exception()  # retrieved, so asyncio does not log it
             return [RunHandle(run.run_id, self, decode) for run in runs]
         created = await self.store.create(runs)
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
@@ -227,10 +235,17 @@ class Client:
             for run in runs
         ]
 
-    async def _publish(self, runs: Sequence[NewRun], outgoing: list[Outgoing]) -> None:
+    async def _publish(
+        self,
+        runs: Sequence[NewRun],
+        outgoing: list[Outgoing],
+        creating: asyncio.Future[list[Created]] | None = None,
+    ) -> None:
         try:
             await self.publisher.publish(outgoing)
         except PublishFailed as exc:
+            if creating is not None:
+                await _settled(creating)  # marked FAILED after the create, not before it
             await self.store.abandon(runs, f"not published: {exc}")
             raise
 
@@ -256,6 +271,12 @@ class Client:
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(run_id, self, decode_any)
+
+
+async def _settled(future: asyncio.Future[Any]) -> None:
+    """Wait for a future without raising the error it may hold."""
+    with contextlib.suppress(Exception):
+        await future
 
 
 _active: ContextVar[Client | None] = ContextVar("conveyor_client", default=None)

@@ -64,6 +64,7 @@ class Task(Generic[P, R]):
         self._args_decoder = msgspec.json.Decoder(_args_struct(id, self._signature, hints))
         self.result_type: Any = hints.get("return", Any)
         self._result_decoder: msgspec.json.Decoder[R] = msgspec.json.Decoder(self.result_type)
+        self._plain = BoundTask(self, TriggerOptions())
 
     def __repr__(self) -> str:
         return f"Task({self.id!r}, queue={self.queue!r})"
@@ -72,7 +73,7 @@ class Task(Generic[P, R]):
 
     async def trigger(self, *args: P.args, **kwargs: P.kwargs) -> RunHandle[R]:
         """Start a run; returns once RabbitMQ has confirmed the message."""
-        return await self.options().trigger(*args, **kwargs)
+        return await self._plain.trigger(*args, **kwargs)
 
     def options(
         self,
@@ -88,7 +89,7 @@ class Task(Generic[P, R]):
 
     async def batch_trigger(self, items: Iterable[Mapping[str, Any]]) -> list[RunHandle[R]]:
         """Start one run per mapping of keyword arguments, published as one confirmed batch."""
-        return await self.options().batch_trigger(items)
+        return await self._plain.batch_trigger(items)
 
     # -- encoding -----------------------------------------------------------------------
 

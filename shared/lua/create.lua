@@ -1,23 +1,35 @@
--- Create a run, or return the existing one for the same idempotency key.
--- KEYS: run, idempotency (or the run key again when unused), runs index
--- ARGV: run_id, task, queue, payload, tags, idem_key, idem_ttl_ms, delay_ms
+-- Create runs of one task, or return the existing run of a live idempotency key.
+-- KEYS: runs index, then per run: run, idempotency (or the run key again when unused)
+-- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, then per run: run_id, payload, idem_key
+-- Returns per run: 1 and its id (created, or already there), or 0 and the existing run's id.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[6] ~= '' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return {0, existing} end
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[7])
-end
--- A worker that got the message first has created the run already (see Client._trigger).
-if redis.call('EXISTS', KEYS[1]) == 1 then return {1, ARGV[1], now} end
-local delay = tonumber(ARGV[8])
+local task, queue, tags, delay, idem_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local status = 'QUEUED'
-if delay > 0 then
-  status = 'DELAYED'
-  redis.call('HSET', KEYS[1], 'not_before', now + delay)
+if delay > 0 then status = 'DELAYED' end
+local out = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local run_key, idem_key = KEYS[2 * i], KEYS[2 * i + 1]
+  local run_id, payload, idem = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+  local existing = false
+  if idem ~= '' then
+    existing = redis.call('GET', idem_key)
+    if not existing then redis.call('SET', idem_key, run_id, 'PX', idem_ttl) end
+  end
+  if existing then
+    out[#out + 1] = 0
+    out[#out + 1] = existing
+  else
+    -- A worker that got the message first has created the run already (see Client._trigger).
+    if redis.call('EXISTS', run_key) == 0 then
+      if delay > 0 then redis.call('HSET', run_key, 'not_before', now + delay) end
+      redis.call('HSET', run_key, 'task', task, 'queue', queue, 'status', status,
+        'payload', payload, 'tags', tags, 'idem', idem, 'created_at', now,
+        'attempt', 0, 'failures', 0, 'crashes', 0)
+      redis.call('ZADD', KEYS[1], now, run_id)
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = run_id
+  end
 end
-redis.call('HSET', KEYS[1], 'task', ARGV[2], 'queue', ARGV[3], 'status', status,
-  'payload', ARGV[4], 'tags', ARGV[5], 'idem', ARGV[6], 'created_at', now,
-  'attempt', 0, 'failures', 0, 'crashes', 0)
-redis.call('ZADD', KEYS[3], now, ARGV[1])
-return {1, ARGV[1], now}
+return out

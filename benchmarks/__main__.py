@@ -1,0 +1,22 @@
+"""`python -m benchmarks compare ...` or `python -m benchmarks throughput ...`."""
+
+import sys
+
+USAGE = "usage: python -m benchmarks compare|throughput [options]  (--help after either)"
+
+
+def main() -> int:
+    command, *rest = sys.argv[1:] or [""]
+    if command == "compare":
+        from benchmarks.compare.cli import main as compare
+
+        return compare(rest)
+    if command == "throughput":
+        from benchmarks.throughput import main as throughput
+
+        return throughput(rest)
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+sys.exit(main())

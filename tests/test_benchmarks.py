@@ -1,0 +1,94 @@
+"""The comparison benchmark runs end to end: every scenario once, at a tiny size, for
+every system, and leaves nothing behind. Its figures are not checked (a test is no place
+for timing); `python -m benchmarks compare` is the benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import ROOT, Services
+
+SYSTEMS = ["conveyor", "celery", "dramatiq", "taskiq"]
+PEERS = SYSTEMS[1:]
+
+
+def compare(
+    services: Services, *args: str, timeout: float = 280
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "CONVEYOR_AMQP_URL": services.amqp_url,
+        "CONVEYOR_REDIS_URL": services.redis_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", "compare", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.timeout(300)
+async def test_every_scenario_runs_for_every_system(services: Services, tmp_path: Path) -> None:
+    done = compare(services, "--smoke", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    data = json.loads((tmp_path / "latest.json").read_text())
+    measured = {(r["scenario"], r["system"], r["variant"]) for r in data["results"]}
+    for system in SYSTEMS:
+        assert ("drain", system, "1 worker") in measured
+        assert ("drain", system, "2 workers") in measured
+        assert ("chain", system, "1 worker") in measured
+        assert any(s == "latency" and name == system for s, name, _ in measured)
+    for peer in PEERS:
+        assert ("drain", peer, "1 worker, result backend") in measured
+    for queue_type in ("classic", "quorum"):
+        assert ("raw-amqp", "aio-pika", queue_type) in measured
+        assert ("latency", "aio-pika", queue_type) in measured
+    assert ("raw-redis", "redis-py", "pipelined HSET") in measured
+    assert any("fan-out" in reason for reason in data["skipped"])
+
+    text = (tmp_path / "latest.md").read_text()
+    for heading in ("## Targets", "## Drain", "## Enqueue", "## Latency", "## Three steps"):
+        assert heading in text
+    assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
+    assert "Targets (ratios of medians from this run)" in done.stdout
+
+    await _assert_nothing_left(services, data["namespace"])
+
+
+async def _assert_nothing_left(services: Services, namespace: str) -> None:
+    r = aioredis.Redis.from_url(services.redis_url)
+    try:
+        assert [k async for k in r.scan_iter(match=f"{namespace}:*")] == []
+    finally:
+        await r.aclose()
+    connection = await aio_pika.connect(services.amqp_url)
+    async with connection:
+        for queue in (
+            f"{namespace}.celery",
+            f"{namespace}.dramatiq",
+            f"{namespace}.taskiq",
+            f"{namespace}.raw.quorum",
+            f"{namespace}.cmp-noop",
+        ):
+            channel = await connection.channel()
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(queue, passive=True)
+
+
+def test_bad_arguments_get_a_clear_error(services: Services, tmp_path: Path) -> None:
+    done = compare(services, "--smoke", "--systems", "conveyor,rq", "--out", str(tmp_path))
+    assert done.returncode == 1
+    assert "--systems takes some of conveyor, celery, dramatiq, taskiq" in done.stderr
+    assert not (tmp_path / "latest.md").exists()
