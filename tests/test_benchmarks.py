@@ -92,3 +92,16 @@ def test_bad_arguments_get_a_clear_error(services: Services, tmp_path: Path) -> 
     assert done.returncode == 1
     assert "--systems takes some of conveyor, celery, dramatiq, taskiq" in done.stderr
     assert not (tmp_path / "latest.md").exists()
+
+
+def test_the_committed_results_are_quoted_in_the_readme() -> None:
+    results = ROOT / "benchmarks" / "results"
+    text = (results / "latest.md").read_text()
+    assert (results / "latest.png").read_bytes().startswith(b"\x89PNG")
+    readme = (ROOT / "README.md").read_text()
+    assert "benchmarks/results/latest.md" in readme
+    quoted = [line for line in readme.splitlines() if line.startswith("| ") and "x |" in line]
+    assert quoted, "the README quotes no headline ratios"
+    for line in quoted:
+        ratio = line.rstrip(" |").rsplit("|", 1)[1].strip()
+        assert ratio in text, f"README quotes {ratio}, which benchmarks/results/latest.md lacks"

@@ -214,4 +214,5 @@ def test_links_between_docs_resolve() -> None:
 def test_architecture_has_a_performance_section() -> None:
     text = ARCHITECTURE.read_text()
     assert re.search(r"^## Performance", text, re.MULTILINE)
-    assert "benchmarks/throughput.py" in text
+    assert "benchmarks throughput" in text
+    assert "benchmarks/results/latest.md" in text

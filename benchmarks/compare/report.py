@@ -76,6 +76,13 @@ def targets(f: Figures) -> list[tuple[str, str, str, bool | None]]:
             _ratio(ours, theirs),
             needed,
         )
+    theirs = f.get("drain", "taskiq", "1 worker", "tasks_per_s")
+    add(
+        "drain, 1 worker: conveyor vs taskiq (no target)",
+        f"{_n(ours)} vs {_n(theirs)} tasks/s",
+        _ratio(ours, theirs),
+        0.0,
+    )
     # The reference figure for Celery is prefork with 2 pool processes.
     theirs = f.get("drain", "celery", "2 workers", "tasks_per_s")
     if theirs is not None:
