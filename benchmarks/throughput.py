@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -743,19 +743,26 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_main(
+    name: str, main: Coroutine[Any, Any, int], errors: tuple[type[Exception], ...] = ()
+) -> int:
+    """Run a benchmark's main coroutine on uvloop; its expected failures become a
+    one-line message and exit status 1, Ctrl-C or SIGTERM status 130."""
     try:
-        return uvloop.run(run(args))
-    except BenchError as exc:
-        print(f"benchmark: {exc}", file=sys.stderr)
+        return uvloop.run(main)
+    except (BenchError, *errors) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     except TimeoutError:
-        print("benchmark: gave up after --timeout seconds", file=sys.stderr)
+        print(f"{name}: gave up after --timeout seconds", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("benchmark: interrupted; its namespace was cleaned up", file=sys.stderr)
+        print(f"{name}: interrupted; its namespace was cleaned up", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main("benchmark", run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import uvloop
 
-from benchmarks.throughput import BenchError, check_local
+from benchmarks.throughput import check_local, run_main
 
 from . import raw, report, scenarios
 from .apps.settings import AppSettings
@@ -251,14 +250,4 @@ def _size_name(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return uvloop.run(run(args))
-    except (ScenarioError, WorkerError, BenchError) as exc:
-        print(f"compare: {exc}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print("compare: gave up after --timeout seconds", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("compare: interrupted; its namespace was cleaned up", file=sys.stderr)
-        return 130
+    return run_main("compare", run(args), (ScenarioError, WorkerError))
