@@ -87,10 +87,23 @@ async def _assert_nothing_left(services: Services, namespace: str) -> None:
                 await channel.declare_queue(queue, passive=True)
 
 
-def test_bad_arguments_get_a_clear_error(services: Services, tmp_path: Path) -> None:
-    done = compare(services, "--smoke", "--systems", "conveyor,rq", "--out", str(tmp_path))
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--systems", "conveyor,rq"],
+            "--systems takes some of conveyor, celery, dramatiq, taskiq",
+        ),
+        (["--workers", "2,x"], "--workers takes process counts from 1 to 8 starting with 1"),
+        (["--repeats", "0"], "--repeats takes 1 or more"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(
+    services: Services, tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = compare(services, "--smoke", *args, "--out", str(tmp_path))
     assert done.returncode == 1
-    assert "--systems takes some of conveyor, celery, dramatiq, taskiq" in done.stderr
+    assert message in done.stderr
     assert not (tmp_path / "latest.md").exists()
 
 

@@ -219,9 +219,7 @@ def markdown(data: Mapping[str, Any], chart: str, analysis: Path | None = None) 
         shown = "" if "no target" in target else {True: "yes", False: "**no**", None: "-"}[met]
         out.append(f"| {target} | {detail} | {ratio} | {shown} |")
 
-    raw_consume = {
-        t: f.get("raw-amqp", "aio-pika", t, "consume_per_s") for t in ("classic", "quorum")
-    }
+    raw_consume = _raw_by_queue_type(f, "consume_per_s")
     out += [
         "",
         f"## Drain: {sizes['drain']:,} no-op tasks enqueued, then drained",
@@ -248,9 +246,7 @@ def markdown(data: Mapping[str, Any], chart: str, analysis: Path | None = None) 
             f"| {'-' if share is None else f'{share:.0%}'} |"
         )
 
-    raw_publish = {
-        t: f.get("raw-amqp", "aio-pika", t, "publish_per_s") for t in ("classic", "quorum")
-    }
+    raw_publish = _raw_by_queue_type(f, "publish_per_s")
     out += [
         "",
         f"## Enqueue: the {sizes['drain']:,} tasks of each drain, no worker running",
@@ -325,6 +321,10 @@ def markdown(data: Mapping[str, Any], chart: str, analysis: Path | None = None) 
     out += ["", "## Versions", "", "| package | version |", "|---|---|"]
     out += [f"| {p} | {v} |" for p, v in m["packages"].items()]
     return "\n".join(out) + "\n"
+
+
+def _raw_by_queue_type(f: Figures, name: str) -> dict[str, float | None]:
+    return {t: f.get("raw-amqp", "aio-pika", t, name) for t in ("classic", "quorum")}
 
 
 def _queue_types(f: Figures) -> dict[str, str]:

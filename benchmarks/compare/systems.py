@@ -289,7 +289,8 @@ class ConveyorSystem(AsyncSystem):
             await self.client.publisher.ensure_queue(queue)
 
     async def close(self) -> None:
-        await self.client.__aexit__(None, None, None)
+        if hasattr(self, "client"):  # open() may have failed before the client existed
+            await self.client.__aexit__(None, None, None)
 
     def queues(self) -> list[str]:
         return ["cmp-noop", "cmp-chain"]

@@ -33,8 +33,8 @@ app.conf.update(
     task_ignore_result=not settings.backend,
     result_backend_transport_options={"global_keyprefix": f"{settings.namespace}:"},
     result_expires=600,
-    # prefetch = multiplier x pool processes; the harness sets the multiplier per process
-    # count so that every worker process holds PREFETCH unacked messages like the others.
+    # Celery's prefetch is multiplier x pool processes: PREFETCH unacked messages per pool
+    # process, as every other system holds PREFETCH per worker process.
     worker_prefetch_multiplier=PREFETCH,
     worker_enable_remote_control=False,
     worker_send_task_events=False,
