@@ -148,7 +148,7 @@ async def test_claim_and_finish_reload_flushed_scripts(own_redis: OwnRedis) -> N
     try:
         await store.create([NewRun("run_a", "t", "t", b"{}", [], None, 0)])
         await r.script_flush()
-        claim = await store.claim("run_a", "w1")
+        claim = await store.claim("run_a", "w1", "1")
         assert (claim.kind, claim.attempt) == ("run", 1)
         await r.script_flush()
         finish = await store.finish(
