@@ -17,7 +17,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -162,28 +162,8 @@ class Worker:
     async def start(self) -> None:
         """Connect to Redis and RabbitMQ and start consuming. A service that is down or
         restarting is waited for (with backoff, saying what is awaited) until stop()."""
-        backoff = Backoff(first=0.2, cap=5.0)
-        while True:
-            try:
-                await self.store.pipe.execute("PING")
-                await self._check_redis()
-                await self._start_consuming()
-                break
-            except Exception as exc:
-                if not is_infrastructure_error(exc):
-                    raise
-                await self._close_connection()
-                pause = backoff.next()
-                service = (
-                    f"Redis at {redact(self.settings.redis_url)}"
-                    if is_redis_unavailable(exc)
-                    else f"RabbitMQ at {redact(self.settings.amqp_url)}"
-                )
-                log.warning("waiting for %s (%r); trying again in %.1fs", service, exc, pause)
-                if await _wait_set(self._stopping, pause):
-                    raise ServiceUnavailable(
-                        f"stopped while waiting for {service}: {exc!r}"
-                    ) from exc
+        await self._until_up(f"Redis at {redact(self.settings.redis_url)}", self._connect_redis)
+        await self._until_up(f"RabbitMQ at {redact(self.settings.amqp_url)}", self._start_consuming)
         self._supervisor.start()
         log.info(
             "worker %s consuming %s in namespace %r (concurrency %d)",
@@ -192,6 +172,25 @@ class Worker:
             self.settings.namespace,
             self.concurrency,
         )
+
+    async def _until_up(self, service: str, connect: Callable[[], Awaitable[None]]) -> None:
+        backoff = Backoff(first=0.2, cap=5.0)
+        while True:
+            try:
+                await connect()
+                return
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                await self._close_connection()
+                pause = backoff.next()
+                log.warning("waiting for %s (%r); trying again in %.1fs", service, exc, pause)
+                if await _wait_set(self._stopping, pause):
+                    raise ServiceUnavailable(f"stopped while waiting for {service}") from exc
+
+    async def _connect_redis(self) -> None:
+        await self.store.pipe.execute("PING")
+        await self._check_redis()
 
     async def _close_connection(self) -> None:
         self._consumers.clear()
