@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import PublishFailed, ServiceUnavailable
+from .errors import PublishFailed, ServiceUnavailable, describe
 
 log = logging.getLogger("conveyor")
 
@@ -177,7 +177,9 @@ class Gate:
         self._open.clear()
         self._since = time.monotonic()
         log.warning(
-            "%s is unavailable (%r); holding work and retrying with backoff", self.service, exc
+            "%s is unavailable (%s); holding work and retrying with backoff",
+            self.service,
+            describe(exc),
         )
         self._prober = asyncio.get_running_loop().create_task(self._probe())
 

@@ -111,3 +111,9 @@ class StepResultNotSerializable(NonRetryableError):
             "return JSON-compatible data, msgspec Structs, dataclasses, datetimes or bytes"
         )
         self.step_key = step_key
+
+
+def describe(exc: BaseException) -> str:
+    """`TypeName: message`, for logs and stored errors."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

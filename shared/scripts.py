@@ -11,14 +11,14 @@ from redis.exceptions import ResponseError
 from .pipe import Arg, RedisPipe, bulk
 
 
-def _source(name: str) -> str:
+def source(name: str) -> str:
     return resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
 
 
 class Scripts:
     def __init__(self, pipe: RedisPipe, names: list[str]) -> None:
         self.pipe = pipe
-        self._source = {name: _source(name) for name in names}
+        self._source = {name: source(name) for name in names}
         self.sha = {
             name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._source.items()
         }

@@ -41,7 +41,7 @@ from conveyor.shared.availability import (
     is_redis_unavailable,
 )
 from conveyor.shared.context import RunContext, RunInfo
-from conveyor.shared.errors import ConfigurationError, ServiceUnavailable
+from conveyor.shared.errors import ConfigurationError, ServiceUnavailable, describe
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.names import check_name
@@ -184,7 +184,9 @@ class Worker:
                     raise
                 await self._close_connection()
                 pause = backoff.next()
-                log.warning("waiting for %s (%r); trying again in %.1fs", service, exc, pause)
+                log.warning(
+                    "waiting for %s (%s); trying again in %.1fs", service, describe(exc), pause
+                )
                 if await _wait_set(self._stopping, pause):
                     raise ServiceUnavailable(f"stopped while waiting for {service}") from exc
 
