@@ -119,7 +119,7 @@ async def test_run_past_consumer_timeout_completes_once_with_hand_over(
         handle = await tasks.sleeper.trigger(RUN_SECONDS)
 
         async def handed_over() -> bool:
-            execution = worker.inflight.get(handle.id)
+            execution = worker.inflight.get((handle.id, 1))
             return execution is not None and execution.handed_over
 
         await eventually(handed_over, timeout=10)
