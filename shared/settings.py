@@ -30,6 +30,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A run whose worker died this many times ends CRASHED.
     max_crashes: int = 3
     publish_timeout: float = 30.0
+    # The scheduler leader's lease; a standby takes over within this long of its death.
+    scheduler_lease_ttl: float = 10.0
+    # A run that has not moved this long after it was due is republished by the reaper.
+    reap_after: float = 60.0
+    # How often the leader looks for such runs (and for new dead letters).
+    reap_interval: float = 5.0
+    # Dead-letter records kept; beyond it the oldest are dropped.
+    dead_letters_max: int = 10000
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
@@ -45,6 +53,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "publish_timeout",
             "delivery_limit",
             "max_crashes",
+            "scheduler_lease_ttl",
+            "reap_after",
+            "reap_interval",
+            "dead_letters_max",
         ):
             if getattr(self, field) <= 0:
                 raise ConfigurationError(f"{field} must be positive, got {getattr(self, field)!r}")

@@ -1,0 +1,135 @@
+"""The reaper: republishes runs that nothing moves any more.
+
+Every run enters the due index (`{ns}:{sched}:due`, run id -> epoch ms by which it should
+have started) when it is created. The hot path never touches it again; the reaper looks
+at entries more than `reap_after` past their time and, by the run's state:
+
+- gone or terminal: the entry is removed;
+- EXECUTING under a live lease, or not due yet (not_before ahead): the entry moves to
+  that time;
+- QUEUED, DELAYED or RETRYING past due, or EXECUTING with an expired lease: its message is
+  republished by run id (the claim dedupes a message that was not lost after all) and
+  the entry moves on, each further republish of the same run backing off twice as long.
+
+A stranded run is so republished at most `reap_after` + `reap_interval` after it was due
+while a scheduler leads (plus up to `scheduler_lease_ttl` after a leader dies).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from conveyor.broker.publisher import Outgoing
+from conveyor.shared.models import RunStatus
+from conveyor.shared.pipe import Arg
+from conveyor.shared.store import RunState
+
+from .lease import Lease, Refused
+from .runtime import Runtime
+
+log = logging.getLogger("conveyor.scheduler")
+
+BATCH = 500
+# Batches per pass: a huge backlog of stranded runs is repaired over several passes.
+BATCHES_PER_PASS = 20
+# Repeated republishes of one run wait up to this many times reap_after.
+MAX_BACKOFF = 16
+
+_encoder = msgspec.json.Encoder()
+_WAITING = {RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING}
+
+
+class Reaper:
+    def __init__(self, runtime: Runtime, lease: Lease) -> None:
+        self.rt = runtime
+        self.lease = lease
+        self.after_ms = int(runtime.settings.reap_after * 1000)
+        # Republishes per run, for the backoff; only the current leader's memory.
+        self._times: dict[str, int] = {}
+        self.republished = 0
+
+    async def reap(self) -> int:
+        """One pass; returns how many runs were republished. Raises Refused if the lease
+        was lost (nothing is then written)."""
+        done = 0
+        for _ in range(BATCHES_PER_PASS):
+            if not self.lease.held():
+                break
+            now = await self._now()
+            entries: list[Any] = await self.rt.redis.zrangebyscore(
+                self.rt.keys.due, "-inf", now - self.after_ms, start=0, num=BATCH
+            )
+            if not entries:
+                break
+            done += await self._batch([e.decode() for e in entries], now)
+            if len(entries) < BATCH:
+                break
+        return done
+
+    async def _batch(self, run_ids: list[str], now: int) -> int:
+        states = await self.rt.store.states(run_ids)
+        removed: list[str] = []
+        moved: list[tuple[int, str]] = []
+        stranded: list[str] = []
+        for run_id, state in zip(run_ids, states, strict=True):
+            verdict = self._judge(state, now)
+            if verdict is None:
+                removed.append(run_id)
+                self._times.pop(run_id, None)
+            elif verdict:
+                moved.append((verdict, run_id))
+            else:
+                stranded.append(run_id)
+        if stranded:
+            await self._republish(stranded)
+            for run_id in stranded:
+                n = self._times.get(run_id, 0)
+                self._times[run_id] = n + 1
+                moved.append((now + self.after_ms * (min(2**n, MAX_BACKOFF) - 1), run_id))
+        await self._write(removed, moved)
+        return len(stranded)
+
+    def _judge(self, state: RunState | None, now: int) -> int | None:
+        """None: drop the entry; a time: move it there; 0: republish the run."""
+        if state is None or state.status.is_terminal:
+            return None
+        if state.status is RunStatus.EXECUTING and state.lease_until > now:
+            return state.lease_until
+        if state.status in _WAITING and state.not_before > now:
+            return state.not_before
+        if state.status in _WAITING or state.status is RunStatus.EXECUTING:
+            return 0
+        return now  # a state the reaper does not repair (WAITING): look again later
+
+    async def _republish(self, run_ids: Sequence[str]) -> None:
+        if not self.lease.held():
+            raise Refused("lease lost before republishing")
+        found = await self.rt.store.republishes(run_ids)
+        outgoing = []
+        for r in found:
+            if r is None:
+                continue
+            if r.queue not in self.rt.topology.declared_queues:
+                await self.rt.publisher.ensure_queue(r.queue)
+            outgoing.append(Outgoing(r.queue, _encoder.encode(r.message), message_id=r.message.id))
+        await self.rt.publisher.publish(outgoing)
+        self.republished += len(outgoing)
+        log.info("republished %d stranded runs", len(outgoing))
+        if len(self._times) > 100 * BATCH * BATCHES_PER_PASS:
+            self._times.clear()  # only the backoff is lost
+
+    async def _write(self, removed: list[str], moved: list[tuple[int, str]]) -> None:
+        args: list[Arg] = [self.lease.token, len(removed), *removed]
+        for score, run_id in moved:
+            args += (score, run_id)
+        ok = await self.rt.scripts.call("sched_due", [self.rt.keys.leader, self.rt.keys.due], args)
+        if not ok:
+            raise Refused(f"due index write refused: epoch {self.lease.epoch} lost the lease")
+
+    async def _now(self) -> int:
+        seconds, micros = await self.rt.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
