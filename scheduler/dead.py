@@ -192,10 +192,13 @@ def _record(message: AbstractIncomingMessage, work_prefix: str) -> DeadLetter:
     ).removeprefix(work_prefix)
     reason = _text(headers.get(REASON_HEADER)) or _text(headers.get("x-first-death-reason"))
     task = body.get("task")
+    body_id = body.get("id")
+    # A message RabbitMQ dead-lettered keeps its message id, which is the run's (the wire
+    # format); a worker's dead letter has a fresh one, and names the run in a header.
     run_id = (
         _text(headers.get(RUN_ID_HEADER))
-        or message.message_id
-        or (body.get("id") if isinstance(body.get("id"), str) else None)
+        or (body_id if isinstance(body_id, str) else None)
+        or (None if REASON_HEADER in headers else message.message_id)
     )
     return DeadLetter(
         id=f"{int(time.time() * 1000):013d}-{secrets.token_hex(4)}",
