@@ -34,10 +34,13 @@ from .runtime import Runtime
 log = logging.getLogger("conveyor.scheduler")
 
 BATCH = 500
-# Batches per pass: a huge backlog of stranded runs is repaired over several passes.
-BATCHES_PER_PASS = 20
+# Republishes per pass: a deep backlog of stranded runs is repaired over several passes
+# instead of flooding the broker at once. Entries that need no republish are not limited.
+REPUBLISH_PER_PASS = 5000
 # Repeated republishes of one run wait up to this many times reap_after.
 MAX_BACKOFF = 16
+# Runs whose republishes the leader counts (for the backoff) before it forgets them all.
+MAX_TRACKED = 100_000
 
 _encoder = msgspec.json.Encoder()
 _WAITING = {RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING}
@@ -56,9 +59,7 @@ class Reaper:
         """One pass; returns how many runs were republished. Raises Refused if the lease
         was lost (nothing is then written)."""
         done = 0
-        for _ in range(BATCHES_PER_PASS):
-            if not self.lease.held():
-                break
+        while done < REPUBLISH_PER_PASS and self.lease.held():
             now = await self._now()
             entries: list[Any] = await self.rt.redis.zrangebyscore(
                 self.rt.keys.due, "-inf", now - self.after_ms, start=0, num=BATCH
@@ -119,7 +120,7 @@ class Reaper:
         await self.rt.publisher.publish(outgoing)
         self.republished += len(outgoing)
         log.info("republished %d stranded runs", len(outgoing))
-        if len(self._times) > 100 * BATCH * BATCHES_PER_PASS:
+        if len(self._times) > MAX_TRACKED:
             self._times.clear()  # only the backoff is lost
 
     async def _write(self, removed: list[str], moved: list[tuple[int, str]]) -> None:

@@ -185,3 +185,16 @@ async def test_an_idempotency_hit_on_a_run_that_never_started_publishes_it(
     handle = await client.trigger("echo", {"value": "other"}, idempotency_key="key-1")
     assert handle.id == run.run_id
     assert await handle.result(timeout=20) == "v"
+
+
+async def test_sigterm_gives_the_lease_up(settings: Settings, spawn_scheduler: Any) -> None:
+    schedulers: list[SchedulerProcess] = [spawn_scheduler(), spawn_scheduler()]
+    epoch, pid = await wait_leader(settings)
+    [leading] = [s for s in schedulers if s.proc.pid == pid]
+    leading.kill(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    assert await asyncio.to_thread(leading.wait, 15) == 0
+    new_epoch, _ = await wait_leader(settings, other_than=pid)
+    # Released, not expired: the standby's next try (a tenth of the TTL) takes it.
+    assert new_epoch == epoch + 1
+    assert time.monotonic() - stopped_at < LEASE_TTL, "the lease was not released"
