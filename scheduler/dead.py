@@ -67,7 +67,13 @@ class DeadLetters:
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
-            if not await self._ingest_one(message, token):
+            try:
+                recorded = await self._ingest_one(message, token)
+            except Exception:
+                # Redis unavailable, most likely: the message waits in the queue meanwhile.
+                await message.nack(requeue=True)
+                raise
+            if not recorded:
                 await message.nack(requeue=True)
                 raise Refused("dead-letter record refused: this scheduler lost the lease")
             await message.ack()
@@ -208,8 +214,19 @@ def _record(message: AbstractIncomingMessage, work_prefix: str) -> DeadLetter:
         task=task if isinstance(task, str) else None,
         run_id=run_id or None,
         body=message.body,
-        headers=msgspec.to_builtins(headers),
+        headers=_builtins(headers),
     )
+
+
+def _builtins(headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers as JSON can hold them (AMQP tables carry datetimes, bytes, decimals)."""
+    out: dict[str, Any] = {}
+    for key, value in headers.items():
+        try:
+            out[key] = msgspec.to_builtins(value)
+        except TypeError:
+            out[key] = repr(value)
+    return out
 
 
 def _fresh_headers(headers: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
+from conveyor.shared.errors import PublishFailed
 from conveyor.shared.models import RunStatus
 from conveyor.shared.pipe import Arg
 from conveyor.shared.store import RunState
@@ -109,17 +110,24 @@ class Reaper:
     async def _republish(self, run_ids: Sequence[str]) -> None:
         if not self.lease.held():
             raise Refused("lease lost before republishing")
-        found = await self.rt.store.republishes(run_ids)
-        outgoing = []
-        for r in found:
-            if r is None:
+        by_queue: dict[str, list[Outgoing]] = {}
+        for r in await self.rt.store.republishes(run_ids):
+            if r is not None:
+                body = _encoder.encode(r.message)
+                by_queue.setdefault(r.queue, []).append(
+                    Outgoing(r.queue, body, message_id=r.message.id)
+                )
+        for queue, outgoing in by_queue.items():
+            try:
+                await self.rt.publisher.ensure_queue(queue)
+                await self.rt.publisher.publish(outgoing)
+            except PublishFailed as exc:
+                # One queue that cannot take them (deleted, declared with other arguments)
+                # must not hold up the others: its runs are tried again after the backoff.
+                log.warning("cannot republish %d runs to queue %r: %s", len(outgoing), queue, exc)
                 continue
-            if r.queue not in self.rt.topology.declared_queues:
-                await self.rt.publisher.ensure_queue(r.queue)
-            outgoing.append(Outgoing(r.queue, _encoder.encode(r.message), message_id=r.message.id))
-        await self.rt.publisher.publish(outgoing)
-        self.republished += len(outgoing)
-        log.info("republished %d stranded runs", len(outgoing))
+            self.republished += len(outgoing)
+            log.info("republished %d stranded runs to queue %r", len(outgoing), queue)
         if len(self._times) > MAX_TRACKED:
             self._times.clear()  # only the backoff is lost
 

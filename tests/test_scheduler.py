@@ -198,3 +198,24 @@ async def test_sigterm_gives_the_lease_up(settings: Settings, spawn_scheduler: A
     # Released, not expired: the standby's next try (a tenth of the TTL) takes it.
     assert new_epoch == epoch + 1
     assert time.monotonic() - stopped_at < LEASE_TTL, "the lease was not released"
+
+
+async def test_an_executing_run_whose_worker_and_message_are_gone_resumes(
+    client: Client, settings: Settings, worker: Worker, spawn_scheduler: Any
+) -> None:
+    """A worker died mid-run after its message was acked (a hand-over whose watchdog copy
+    was lost): the run is EXECUTING under an expired lease with nothing to move it."""
+    [run] = stranded(1)
+    await client.store.create([run])
+    await client.redis.hset(
+        client.store.keys.run(run.run_id),
+        mapping={"status": "EXECUTING", "attempt": 1, "worker": "gone:1:x", "lease_until": 1},
+    )
+    spawn_scheduler()
+
+    async def completed() -> bool:
+        return (await client.get_run(run.run_id)).status is RunStatus.COMPLETED
+
+    await eventually(completed, timeout=30, interval=0.2)
+    assert await trace(settings, run.run_id) == [e.replace("@1", "@2") for e in ONCE]
+    assert int(await client.redis.hget(client.store.keys.run(run.run_id), "crashes") or 0) == 1
