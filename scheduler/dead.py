@@ -22,8 +22,9 @@ import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from conveyor.broker.publisher import QUEUE_HEADER, REASON_HEADER, Outgoing
-from conveyor.shared.errors import ConveyorError
+from conveyor.shared.errors import ConfigurationError, ConveyorError
 from conveyor.shared.models import TERMINAL
+from conveyor.shared.names import check_name
 
 from .lease import Refused
 from .runtime import Runtime
@@ -31,6 +32,8 @@ from .runtime import Runtime
 log = logging.getLogger("conveyor.scheduler")
 
 RUN_ID_HEADER = "x-conveyor-run-id"
+# What a worker accepts beyond the payload limit for the rest of a message (worker.py).
+BODY_ALLOWANCE = 64 * 1024
 _TERMINAL = "," + ",".join(sorted(s.value for s in TERMINAL)) + ","
 
 
@@ -44,6 +47,9 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     task: str | None = None
     run_id: str | None = None
     body: bytes = b""
+    # The body's size; a body over the size a worker takes is not kept (it could never run).
+    size: int = 0
+    body_kept: bool = True
     headers: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
@@ -82,6 +88,8 @@ class DeadLetters:
 
     async def _ingest_one(self, message: AbstractIncomingMessage, token: str) -> bool:
         record = _record(message, self.rt.topology.names.queue(""))
+        if record.size > self.rt.settings.max_payload_bytes + BODY_ALLOWANCE:
+            record.body, record.body_kept = b"", False
         dropped = await self.rt.scripts.call(
             "dead_add",
             [self.keys.leader, self.keys.dead, self.keys.dead_index],
@@ -131,6 +139,11 @@ class DeadLetters:
         for record in records:
             if not record.queue:
                 raise ConveyorError(f"dead letter {record.id} names no queue to replay it to")
+            if not record.body_kept:
+                raise ConveyorError(
+                    f"dead letter {record.id} has a body of {record.size} bytes, too large for "
+                    "any worker, and it was not kept; `conveyor dead purge` removes it"
+                )
         for record in records:
             await self._replay_one(record)
         return records
@@ -206,6 +219,11 @@ def _record(message: AbstractIncomingMessage, work_prefix: str) -> DeadLetter:
         or (body_id if isinstance(body_id, str) else None)
         or (None if REASON_HEADER in headers else message.message_id)
     )
+    if run_id:
+        try:
+            check_name("run id", run_id)  # it becomes part of Redis keys
+        except ConfigurationError:
+            run_id = None  # kept in the body and headers of the record only
     return DeadLetter(
         id=f"{int(time.time() * 1000):013d}-{secrets.token_hex(4)}",
         at=int(time.time() * 1000),
@@ -214,6 +232,7 @@ def _record(message: AbstractIncomingMessage, work_prefix: str) -> DeadLetter:
         task=task if isinstance(task, str) else None,
         run_id=run_id or None,
         body=message.body,
+        size=len(message.body),
         headers=_builtins(headers),
     )
 

@@ -77,14 +77,15 @@ class Scheduler:
                 if self.lease.epoch:
                     if not await self.lease.renew():
                         log.warning("scheduler %s lost the leader lease", self.id)
-                        self._leading.clear()
                 elif await self.lease.acquire():
                     log.info("scheduler %s leads (epoch %d)", self.id, self.lease.epoch)
-                    self._leading.set()
             except Exception as exc:
-                # No renewal: held() turns false by itself once the deadline passes.
+                # No renewal: held() turns false by itself once the deadline passes, and
+                # true again if a later renewal finds the lease still ours.
                 log.warning("lease: Redis unavailable (%r)", exc)
-            if not self.lease.held():
+            if self.lease.held():
+                self._leading.set()
+            else:
                 self._leading.clear()
             await self._sleep(ttl / 3 if self.lease.epoch else ttl / 10)
 
@@ -100,9 +101,7 @@ class Scheduler:
                 continue
             try:
                 await self.dead.ingest(token)
-                repaired = await self.reaper.reap()
-                if repaired:
-                    log.info("reaper: %d runs republished", repaired)
+                await self.reaper.reap()
                 pause = ERROR_PAUSE
                 await self._sleep(self.settings.reap_interval)
             except Refused as exc:

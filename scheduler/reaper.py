@@ -54,7 +54,6 @@ class Reaper:
         self.after_ms = int(runtime.settings.reap_after * 1000)
         # Republishes per run, for the backoff; only the current leader's memory.
         self._times: dict[str, int] = {}
-        self.republished = 0
 
     async def reap(self) -> int:
         """One pass; returns how many runs were republished. Raises Refused if the lease
@@ -126,7 +125,6 @@ class Reaper:
                 # must not hold up the others: its runs are tried again after the backoff.
                 log.warning("cannot republish %d runs to queue %r: %s", len(outgoing), queue, exc)
                 continue
-            self.republished += len(outgoing)
             log.info("republished %d stranded runs to queue %r", len(outgoing), queue)
         if len(self._times) > MAX_TRACKED:
             self._times.clear()  # only the backoff is lost

@@ -155,3 +155,16 @@ async def test_dead_list_replay_and_purge(
     purged = await conveyor(settings, "dead", "purge", "--json", env=CLI_ENV)
     assert purged.json() == {"purged": 1}
     assert (await conveyor(settings, "dead", "list", "--json", env=CLI_ENV)).json() == []
+
+
+async def test_a_body_too_large_for_any_worker_is_not_kept(
+    client: Client, settings: Settings
+) -> None:
+    await client.connect()  # declares {ns}.dead
+    body = b'{"task": "echo", "payload": {"value": "' + b"x" * 70_000 + b'"}}'
+    await publish_dead(settings, body, {"x-conveyor-reason": "too big", "x-conveyor-queue": "echo"})
+    env = {**CLI_ENV, "CONVEYOR_MAX_PAYLOAD_BYTES": "1000"}
+    [record] = (await conveyor(settings, "dead", "list", "--json", env=env)).json()
+    assert (record["size"], record["body_kept"], record["body"]) == (len(body), False, "")
+    refused = await conveyor(settings, "dead", "replay", record["id"], env=env)
+    assert refused.code == 1 and "too large for any worker" in refused.err
