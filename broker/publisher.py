@@ -35,7 +35,7 @@ from aiormq.abc import ChannelFrame
 from pamqp.encode import field_table
 
 from conveyor.shared.errors import PublishFailed
-from conveyor.shared.settings import Settings
+from conveyor.shared.settings import Settings, redact
 
 from .delay import delay_routing_key
 from .topology import Topology
@@ -358,8 +358,9 @@ class Publisher:
         """Wait before trying again, or raise PublishFailed when out of time."""
         if time.monotonic() + pause > deadline:
             raise PublishFailed(
-                f"RabbitMQ at {_safe_url(self.settings.amqp_url)} did not take the message "
-                f"within {self.settings.publish_timeout}s: {exc!r}"
+                f"RabbitMQ at {redact(self.settings.amqp_url)} did not take the message "
+                f"within {self.settings.publish_timeout}s: {exc!r}",
+                transient=True,
             ) from exc
         log.warning("broker unavailable (%r); retrying in %.2fs", exc, pause)
         await asyncio.sleep(pause)
@@ -401,11 +402,3 @@ def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
             chunk = body[start : start + limit]
             parts += (_FRAME.pack(_BODY, number, len(chunk)), chunk, end)
     return b"".join(parts)
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for error messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('@', 1)[1]}"

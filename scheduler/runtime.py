@@ -22,7 +22,12 @@ class Runtime:
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
         self.name = name
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url)
+        # Bounded like the worker's: a hung Redis must not stall the lease loop for ever.
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.connect_timeout,
+        )
         self.store = RunStore(self.redis, settings)
         self.keys = self.store.keys
         self.scripts = Scripts(self.store.pipe, SCRIPTS)
@@ -35,7 +40,9 @@ class Runtime:
         if self.connection is not None:
             return
         connection = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": self.name}
+            self.settings.amqp_url,
+            timeout=self.settings.connect_timeout,
+            client_properties={"connection_name": self.name},
         )
         try:
             await self.publisher.connect(connection)

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from .codec import decoder_for
-from .errors import ConveyorError, NonRetryableError, StepResultNotSerializable
+from .errors import ConveyorError, NonRetryableError, RunLost, StepResultNotSerializable
 from .retry import Retry
 from .store import RunStore
 
@@ -25,12 +25,33 @@ class RunInfo(msgspec.Struct, frozen=True):
 
 
 class RunContext:
-    __slots__ = ("_counters", "checkpoints", "info", "replayed", "store")
+    __slots__ = (
+        "_counters",
+        "checkpoints",
+        "gone",
+        "info",
+        "lost",
+        "replayed",
+        "store",
+        "worker",
+    )
 
-    def __init__(self, info: RunInfo, store: RunStore, checkpoints: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        info: RunInfo,
+        store: RunStore,
+        checkpoints: dict[str, bytes],
+        *,
+        worker: str,
+        lost: Callable[[], None],
+    ) -> None:
         self.info = info
         self.store = store
         self.checkpoints = checkpoints
+        self.worker = worker
+        # Called when a checkpoint finds the run no longer this attempt's: stops the attempt.
+        self.lost = lost
+        self.gone: RunLost | None = None  # then no further step runs, even if that was caught
         self.replayed: list[str] = []
         self._counters: dict[str, int] = {}
 
@@ -52,6 +73,8 @@ class RunContext:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        if self.gone is not None:
+            raise self.gone
         saved = self.checkpoints.get(key)
         if saved is not None:
             self.replayed.append(key)
@@ -74,8 +97,17 @@ class RunContext:
             encoded = msgspec.json.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:
             raise StepResultNotSerializable(key, str(exc)) from exc
-        await self.store.checkpoint(self.info.id, key, encoded)
-        self.checkpoints[key] = encoded
+        try:
+            stands = await self.store.checkpoint(
+                self.info.id, self.worker, self.info.attempt, key, encoded
+            )
+        except RunLost as exc:
+            self.gone = exc
+            self.lost()
+            raise
+        self.checkpoints[key] = stands
+        if stands is not encoded:  # saved first by an earlier try of this same write
+            return decoder_for(result_type).decode(stands)
         return result
 
 

@@ -7,6 +7,8 @@ ConveyorError
 │   ├── InvalidArguments      arguments do not match the task's signature
 │   ├── PayloadTooLarge       the encoded arguments exceed the payload limit
 │   └── PublishFailed         the broker did not accept the message
+├── ServiceUnavailable        Redis or RabbitMQ stayed unavailable for as long as work may wait
+├── RunLost                   this attempt no longer owns its run (taken over or ended)
 ├── RunNotFound               no run with that id (never existed or expired)
 ├── RunFailed                 a run ended in a terminal state other than COMPLETED
 ├── ResultTimeout             a run did not finish within the wait (also a TimeoutError)
@@ -53,7 +55,26 @@ class PayloadTooLarge(TriggerError):
 
 
 class PublishFailed(TriggerError):
+    """`transient`: the broker was unreachable or did not answer in time (the message may
+    go through on another try), as opposed to refusing or failing to route it."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class ServiceUnavailable(ConveyorError):
     pass
+
+
+class RunLost(ConveyorError):
+    """Raised in a stale attempt: another worker took the run over (this one stalled past
+    its lease) or the run ended (canceled). The attempt stops and writes nothing."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} is no longer this attempt's (now {status}); stopping")
+        self.run_id = run_id
+        self.status = status
 
 
 class RunNotFound(ConveyorError):
@@ -90,3 +111,9 @@ class StepResultNotSerializable(NonRetryableError):
             "return JSON-compatible data, msgspec Structs, dataclasses, datetimes or bytes"
         )
         self.step_key = step_key
+
+
+def describe(exc: BaseException) -> str:
+    """`TypeName: message`, for logs and stored errors."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

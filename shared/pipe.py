@@ -10,12 +10,18 @@ batches about three times larger, and an idle connection still sends at once.
 redis-py spends most of a run's Redis time on per-command machinery (pool, pipeline
 objects, timeouts); this does the same work for a fraction of it, parsing with hiredis.
 redis-py still serves everything else: reads, pub/sub, administration.
+
+Nothing waits on it without a bound: connecting (and the AUTH/SELECT handshake) has
+`connect_timeout`, and a connection that has calls waiting but has received nothing for
+`timeout` seconds (a hung or paused server, a half-open connection) is dropped, failing
+those calls, by a watchdog that looks four times per `timeout` rather than a timer per call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, cast
@@ -24,6 +30,7 @@ import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = bytes | str | int | float
 
@@ -61,11 +68,17 @@ class _Connection(asyncio.Protocol):
         self.lost = lost
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        # Bumped by every write and every read: the watchdog's sign of life.
+        self.progress = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.progress += 1
         waiting = self.waiting
         try:
             self.parser.feed(data)
@@ -85,7 +98,7 @@ class _Connection(asyncio.Protocol):
 
     def fail(self, error: Exception) -> None:
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # not close(): a hung server would never take the rest
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -93,8 +106,11 @@ class _Connection(asyncio.Protocol):
 
 
 class RedisPipe:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout: float = 10.0, connect_timeout: float = 5.0) -> None:
         self._params: dict[str, Any] = dict(parse_url(url))
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._watchdog: asyncio.Task[None] | None = None
         self._conn: _Connection | None = None
         self._data: list[bytes] = []
         self._futures: list[asyncio.Future[Any]] = []
@@ -128,6 +144,9 @@ class RedisPipe:
     async def close(self) -> None:
         if self._connecting is not None:
             await asyncio.wait([self._connecting])
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.fail(RedisConnectionError("connection closed"))
@@ -155,6 +174,7 @@ class RedisPipe:
     ) -> None:
         """One write carrying a batch; its replies will come back in this order."""
         conn.waiting.extend(futures)
+        conn.progress += 1
         try:
             assert conn.transport is not None
             conn.transport.write(b"".join(data))
@@ -164,7 +184,10 @@ class RedisPipe:
     async def _connect(self) -> None:
         """Connect, then send what queued up meanwhile; if that fails, fail those calls."""
         try:
-            self._conn = await self._open()
+            async with asyncio.timeout(self.connect_timeout):
+                self._conn = await self._open()
+            if self._watchdog is None or self._watchdog.done():
+                self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         except Exception as exc:
             error = RedisConnectionError(f"cannot connect to Redis: {exc!r}")
             futures, self._futures, self._data = self._futures, [], []
@@ -197,16 +220,38 @@ class RedisPipe:
             handshake.append(("AUTH", user, p["password"]) if user else ("AUTH", p["password"]))
         if p.get("db"):
             handshake.append(("SELECT", p["db"]))
-        for command in handshake:
-            reply = loop.create_future()
-            conn.waiting.append(reply)
-            assert conn.transport is not None
-            conn.transport.write(pack(command))
-            answer = await reply
-            if isinstance(answer, ResponseError):
-                conn.fail(RedisConnectionError("connection closed"))
-                raise answer
+        try:
+            for command in handshake:
+                reply = loop.create_future()
+                conn.waiting.append(reply)
+                assert conn.transport is not None
+                conn.transport.write(pack(command))
+                answer = await reply
+                if isinstance(answer, ResponseError):
+                    raise answer
+        except BaseException:
+            conn.fail(RedisConnectionError("connection closed"))
+            raise
         return conn
+
+    async def _watch(self) -> None:
+        """Drop a connection that has calls waiting and has shown no progress for `timeout`."""
+        seen: tuple[_Connection | None, int] = (None, 0)
+        quiet = 0.0
+        interval = self.timeout / 4
+        while True:
+            await asyncio.sleep(interval)
+            conn = self._conn
+            if conn is None or not conn.waiting or seen != (conn, conn.progress):
+                seen = (conn, conn.progress if conn is not None else 0)
+                quiet = 0.0
+                continue
+            quiet += interval
+            if quiet >= self.timeout:
+                self._drop(
+                    conn,
+                    RedisTimeoutError(f"Redis did not answer within {self.timeout}s"),
+                )
 
     def _drop(self, conn: _Connection, error: Exception) -> None:
         """Fail every command waiting on a broken connection; the next call reconnects."""

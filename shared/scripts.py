@@ -11,19 +11,19 @@ from redis.exceptions import ResponseError
 from .pipe import Arg, RedisPipe, bulk
 
 
-def _source(name: str) -> str:
+def source(name: str) -> str:
     return resources.files(__package__).joinpath(f"lua/{name}.lua").read_text()
 
 
 class Scripts:
     def __init__(self, pipe: RedisPipe, names: list[str]) -> None:
         self.pipe = pipe
-        self._source = {name: _source(name) for name in names}
-        # "EVALSHA <sha>" packed once per script: most of a call's bytes never change.
-        self._head = {
-            name: bulk("EVALSHA") + bulk(hashlib.sha1(src.encode()).hexdigest())
-            for name, src in self._source.items()
+        self._source = {name: source(name) for name in names}
+        self.sha = {
+            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._source.items()
         }
+        # "EVALSHA <sha>" packed once per script: most of a call's bytes never change.
+        self._head = {name: bulk("EVALSHA") + bulk(sha) for name, sha in self.sha.items()}
 
     def head(self, name: str, keys: int, args: int) -> bytes:
         """The packed start of a call of `name` with that many keys and arguments; the

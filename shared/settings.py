@@ -12,6 +12,14 @@ from .errors import ConfigurationError
 from .names import check_name
 
 
+def redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('@', 1)[1]}"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -30,6 +38,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A run whose worker died this many times ends CRASHED.
     max_crashes: int = 3
     publish_timeout: float = 30.0
+    # A Redis command unanswered this long drops its connection (hung server, half-open
+    # connection); connecting, to Redis or RabbitMQ, has connect_timeout.
+    redis_timeout: float = 10.0
+    connect_timeout: float = 5.0
     # The scheduler leader's lease; a standby takes over within this long of its death.
     scheduler_lease_ttl: float = 10.0
     # A run that has not moved this long after it was due is republished by the reaper.
@@ -51,6 +63,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "lease_ttl",
             "handover_after",
             "publish_timeout",
+            "redis_timeout",
+            "connect_timeout",
             "delivery_limit",
             "max_crashes",
             "scheduler_lease_ttl",

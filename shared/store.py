@@ -14,6 +14,8 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from .availability import Gate
+from .errors import RunLost
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunMessage, RunStatus
 from .pipe import Arg, RedisPipe, bulk
@@ -95,12 +97,24 @@ class RunStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.pipe = RedisPipe(settings.redis_url)
-        self.scripts = Scripts(self.pipe, ["create", "claim", "finish", "heartbeat", "cancel"])
+        self.pipe = RedisPipe(
+            settings.redis_url,
+            timeout=settings.redis_timeout,
+            connect_timeout=settings.connect_timeout,
+        )
+        self.scripts = Scripts(
+            self.pipe, ["create", "claim", "checkpoint", "finish", "heartbeat", "cancel"]
+        )
+        # Set by a worker: claim, checkpoint and finish then wait there while Redis is
+        # unavailable and are sent again (each is idempotent for its caller) instead of
+        # failing the message.
+        self.gate: Gate | None = None
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._run_ttl = str(int(settings.run_ttl))
-        # claim's arguments are the same for every run a worker claims: packed once.
-        self._claim_head = self.scripts.head("claim", 2, 5)
+        # claim's arguments are the same for every run a worker claims, but for the claim
+        # token at the end: packed once.
+        self._claim_head = self.scripts.head("claim", 2, 6)
+        self._checkpoint_head = self.scripts.head("checkpoint", 2, 4)
         self._claim_tails: dict[tuple[str, bool], bytes] = {}
         self._idem_ttl = str(int(settings.idempotency_ttl * 1000))
         self._creating: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]] = []
@@ -204,8 +218,10 @@ class RunStore:
 
     # -- executing ----------------------------------------------------------------------
 
-    async def claim(self, run_id: str, worker: str, *, alone: bool = False) -> Claim:
-        """`alone`: nothing else runs in the worker, as a run's last chance needs (claim.lua)."""
+    async def claim(self, run_id: str, worker: str, token: str, *, alone: bool = False) -> Claim:
+        """`token`: unique per delivery in the worker, so that the claim sent again after
+        a lost reply is answered as the first time. `alone`: nothing else runs in the
+        worker, as a run's last chance needs (claim.lua)."""
         tail = self._claim_tails.get((worker, alone))
         if tail is None:
             args: list[Arg] = [
@@ -217,10 +233,7 @@ class RunStore:
             ]
             tail = self._claim_tails[worker, alone] = b"".join(map(bulk, args))
         keys = bulk(self.keys.run(run_id)) + bulk(self.keys.steps(run_id))
-        command = self._claim_head + keys + tail
-        reply = await self.scripts.pipe.send(command)
-        if isinstance(reply, ResponseError):
-            reply = await self.scripts.retry("claim", command, reply)
+        reply = await self._hot("claim", self._claim_head + keys + tail + bulk(token))
         kind = reply[0].decode()
         if kind == "run":
             flat = reply[4:]
@@ -234,8 +247,29 @@ class RunStore:
             return Claim("alone", crashes=int(reply[1]))
         return Claim(kind, detail=reply[1].decode())
 
-    async def checkpoint(self, run_id: str, step_key: str, value: bytes) -> None:
-        await self.pipe.execute("HSET", self.keys.steps(run_id), step_key, value)
+    async def checkpoint(
+        self, run_id: str, worker: str, attempt: int, step_key: str, value: bytes
+    ) -> bytes:
+        """Save a step's result if this worker's attempt still holds the run; returns the
+        result that stands (a result saved first under the key wins). Raises RunLost when
+        the run was taken over or ended: nothing is written then."""
+        command = (
+            self._checkpoint_head
+            + bulk(self.keys.run(run_id))
+            + bulk(self.keys.steps(run_id))
+            + bulk(worker)
+            + bulk(attempt)
+            + bulk(step_key)
+            + bulk(value)
+        )
+        reply = await self._hot("checkpoint", command)
+        kind = reply[0]
+        if kind == b"ok":
+            return value
+        if kind == b"saved":
+            saved: bytes = reply[1]
+            return saved
+        raise RunLost(run_id, reply[1].decode())
 
     async def finish(
         self,
@@ -265,16 +299,35 @@ class RunStore:
                 retry_delay_ms,
             ],
         )
-        reply = await self.scripts.pipe.send(command)
-        if isinstance(reply, ResponseError):
-            reply = await self.scripts.retry("finish", command, reply)
+        reply = await self._hot("finish", command)
         kind = reply[0].decode()
         if kind == "ok":
             return Finish("ok", at_ms=int(reply[1]))
         return Finish(kind, status=reply[1].decode())
 
+    async def _send(self, name: str, command: bytes) -> Any:
+        reply = await self.pipe.send(command)
+        if isinstance(reply, ResponseError):
+            reply = await self.scripts.retry(name, command, reply)
+        return reply
+
+    async def _hot(self, name: str, command: bytes) -> Any:
+        """A hot-path script call. While Redis is unavailable it waits at the gate (when
+        one is set) and is sent again: its script gives a repeated call the same answer."""
+        gate = self.gate
+        if gate is not None and not gate.is_open:
+            return await gate.call(lambda: self._send(name, command))
+        try:
+            return await self._send(name, command)
+        except Exception as exc:
+            if gate is None or not gate.unavailable(exc):
+                raise
+            gate.close(exc)
+            return await gate.call(lambda: self._send(name, command))
+
     async def heartbeat(self, leases: Sequence[tuple[str, int]], worker: str) -> list[str]:
-        """Renew the leases of (run_id, attempt) pairs; returns 'ok' or the status that ended it."""
+        """Renew the leases of (run_id, attempt) pairs; returns 'ok' or the status that
+        ended it. Never waits at the gate: a renewal that fails is made at the next turn."""
         replies = await asyncio.gather(
             *(
                 self.scripts.call(

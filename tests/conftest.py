@@ -133,9 +133,16 @@ async def worker(settings: Settings, client: Client) -> AsyncIterator[Worker]:
 
 
 class WorkerProcess:
-    """A real `conveyor worker` process for fault tests (killed with SIGKILL)."""
+    """A real `conveyor worker` process for fault tests (killed with SIGKILL). With
+    `log`, its output (the worker's log) goes to that file."""
 
-    def __init__(self, settings: Settings, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
         full_env = dict(os.environ)
         full_env.update(
             CONVEYOR_AMQP_URL=settings.amqp_url,
@@ -146,11 +153,27 @@ class WorkerProcess:
             PYTHONPATH=str(ROOT),
         )
         full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "worker", "tests.tasks", *extra],
-            env=full_env,
-            cwd=str(ROOT),
-        )
+        self.log = log
+        output = open(log, "wb") if log is not None else None  # noqa: SIM115 (the child's)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "worker", "tests.tasks", *extra],
+                env=full_env,
+                cwd=str(ROOT),
+                stdout=output,
+                stderr=output,
+            )
+        finally:
+            if output is not None:
+                output.close()
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log is not None else ""
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the process has used so far, from /proc."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def kill(self, sig: int = 9) -> None:
         if self.proc.poll() is None:

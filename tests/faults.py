@@ -1,8 +1,11 @@
 """Helpers for the fault tests (crash recovery, duplicates, poison messages).
 
-Also a hook for worker processes: `conveyor worker tests.tasks tests.faults` with
-CONVEYOR_TEST_KILL_AFTER_FINISH=1 SIGKILLs itself right after a run's COMPLETED outcome is
-written to Redis and before the message is acked: the narrowest "done but not acked" window.
+Also hooks for worker processes, `conveyor worker tests.tasks tests.faults` with:
+- CONVEYOR_TEST_KILL_AFTER_FINISH=1: SIGKILLs itself right after a run's COMPLETED outcome
+  is written to Redis and before the message is acked: the narrowest "done but not acked"
+  window;
+- CONVEYOR_TEST_DELIVERIES=<file>: appends each delivery's `x-delivery-count` (0 for a first
+  delivery) to the file, one per line, so a test can see how often messages came back.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from conveyor.shared.store import Finish, RunStore
 from tests.tasks import trace_key
 
 KILL_AFTER_FINISH = "CONVEYOR_TEST_KILL_AFTER_FINISH"
+DELIVERIES = "CONVEYOR_TEST_DELIVERIES"
 
 
 def _install_kill_after_finish() -> None:
@@ -38,8 +42,30 @@ def _install_kill_after_finish() -> None:
     RunStore.finish = finish_then_die  # type: ignore[method-assign]
 
 
+def _install_delivery_log(path: str) -> None:
+    from conveyor.worker.delivery import Delivery
+
+    original = Delivery.__init__
+
+    def logged(self: Delivery, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        count = self.headers.get("x-delivery-count", 0)
+        with open(path, "a") as log:
+            log.write(f"{count}\n")
+
+    Delivery.__init__ = logged  # type: ignore[method-assign]
+
+
+def delivery_counts(path: str) -> list[int]:
+    """What a worker with the CONVEYOR_TEST_DELIVERIES hook wrote."""
+    with open(path) as log:
+        return [int(line) for line in log if line.strip()]
+
+
 if os.environ.get(KILL_AFTER_FINISH) == "1":
     _install_kill_after_finish()
+if os.environ.get(DELIVERIES):
+    _install_delivery_log(os.environ[DELIVERIES])
 
 
 async def trace(settings: Settings, run_id: str) -> list[str]:

@@ -282,3 +282,10 @@ async def jittery(succeed_on: int) -> int:
 
 
 ALL += [whoami, step_retry, sync_step, always_fails, ladder, jittery]
+
+
+@task(id="nap", retry=Retry(max_attempts=1))
+async def nap(seconds: float) -> str:
+    """Touches nothing but the clock: it runs through a Redis outage unharmed."""
+    await asyncio.sleep(seconds)
+    return "rested"

@@ -95,3 +95,36 @@ async def test_worker_reconnects_and_runs_triggered_before_during_and_after_comp
         timeout=15,
         interval=0.3,
     )
+
+
+async def test_leases_hold_while_the_broker_is_stopped_for_longer_than_a_lease(
+    settings: Settings, client: Client, spawn_worker: Any
+) -> None:
+    # Renewals need Redis alone: a broker down for 15 s, more than the 10 s lease, takes no
+    # run from its worker, though both workers get the runs' messages again afterwards.
+    lease = {"CONVEYOR_LEASE_TTL": "10"}
+    spawn_worker("--concurrency", "2", env=lease)
+    spawn_worker("--concurrency", "2", env=lease)
+    await wait_for_consumers(settings, tasks.three_steps.queue, 2)
+    handles = [await tasks.three_steps.trigger(seconds=22.0) for _ in range(4)]
+
+    async def all_in_step_two() -> bool:
+        traces = [await trace(settings, h.id) for h in handles]
+        return all(t[2:3] == ["s2:start@1"] for t in traces)
+
+    await eventually(all_in_step_two, timeout=20)
+    try:
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        await asyncio.sleep(15)
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "start_app")
+        await asyncio.to_thread(rabbitmqctl, "await_startup")
+
+    for handle in handles:
+        assert await handle.result(timeout=40) == ["s1", "s2", "s3"]
+        run = await client.get_run(handle.id)
+        assert [a.status for a in run.attempts] == ["COMPLETED"]
+        assert await client.redis.hget(client.store.keys.run(handle.id), "crashes") == b"0"
+        assert await trace(settings, handle.id) == [
+            f"{step}:{edge}@1" for step in ("s1", "s2", "s3") for edge in ("start", "end")
+        ]

@@ -4,10 +4,6 @@ real redis-server of the test's own, which it restarts and whose script cache it
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,58 +15,12 @@ from conveyor import RunStatus, Settings
 from conveyor.shared.pipe import RedisPipe
 from conveyor.shared.scripts import Scripts
 from conveyor.shared.store import NewRun, RunStore
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class OwnRedis:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                "s3cret",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=self.port, password="s3cret").ping()
-                return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+from tests.servers import OwnRedis, free_port
 
 
 @pytest.fixture
 def own_redis() -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("this test starts its own redis-server: install Redis (redis-server)")
-    server = OwnRedis(_free_port())
+    server = OwnRedis(password="s3cret")
     server.start()
     yield server
     server.stop()
@@ -132,7 +82,7 @@ async def test_reconnects_after_a_restart_and_reloads_flushed_scripts(
 
 
 async def test_unreachable_redis_fails_the_call_with_a_connection_error() -> None:
-    pipe = RedisPipe(f"redis://127.0.0.1:{_free_port()}/0")
+    pipe = RedisPipe(f"redis://127.0.0.1:{free_port()}/0")
     try:
         with pytest.raises(RedisConnectionError, match="cannot connect to Redis"):
             await pipe.execute("PING")
@@ -148,7 +98,7 @@ async def test_claim_and_finish_reload_flushed_scripts(own_redis: OwnRedis) -> N
     try:
         await store.create([NewRun("run_a", "t", "t", b"{}", [], None, 0)])
         await r.script_flush()
-        claim = await store.claim("run_a", "w1")
+        claim = await store.claim("run_a", "w1", "1")
         assert (claim.kind, claim.attempt) == ("run", 1)
         await r.script_flush()
         finish = await store.finish(

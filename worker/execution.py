@@ -10,7 +10,7 @@ import msgspec
 
 from conveyor._task import Task
 from conveyor.shared.context import RunContext, set_context
-from conveyor.shared.errors import InvalidArguments, NonRetryableError
+from conveyor.shared.errors import InvalidArguments, NonRetryableError, RunLost, ServiceUnavailable
 from conveyor.shared.models import RunStatus
 
 from .outcome import Outcome, completed, failed, retrying
@@ -26,6 +26,8 @@ class Execution:
         "canceled",
         "done",
         "handed_over",
+        "handing_over",
+        "leased_at",
         "message",
         "queue",
         "run_id",
@@ -35,13 +37,25 @@ class Execution:
         "task_id",
     )
 
-    def __init__(self, run_id: str, attempt: int, task_id: str, queue: str, message: Any) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        attempt: int,
+        task_id: str,
+        queue: str,
+        message: Any,
+        claimed_at: float | None = None,
+    ) -> None:
         self.run_id = run_id
         self.attempt = attempt
         self.task_id = task_id
         self.queue = queue
         self.message = message
         self.started = time.monotonic()
+        # When the lease was last set, at the latest (monotonic): the claim's or the last
+        # renewal's sending. The supervisor renews from then, whenever the reply came.
+        self.leased_at = self.started if claimed_at is None else claimed_at
+        self.handing_over = False
         self.handed_over = False
         self.done = False
         self.stop_reason: StopReason | None = None
@@ -53,9 +67,12 @@ class Execution:
     def stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
-        if self.running_user_code is not None and not self.canceled:
+        task = self.running_user_code
+        # Stopped from inside the run (a checkpoint found the run lost): RunLost is already
+        # on its way out of the task function, and a cancel would hit the worker after it.
+        if task is not None and not self.canceled and task is not asyncio.current_task():
             self.canceled = True
-            self.running_user_code.cancel()
+            task.cancel()
 
 
 async def run_attempt(
@@ -90,9 +107,15 @@ async def run_attempt(
             error.__cause__ = exc
             return failed(error, RunStatus.TIMED_OUT)
         return _failure(task, exc, failures)
+    except RunLost:
+        return _stopped("lost")
+    except ServiceUnavailable:
+        raise  # Redis stayed away while a step waited to save its result: not the task's fault
     except NonRetryableError as exc:
         return failed(exc)
     except Exception as exc:
+        if execution.stop_reason == "lost":  # the task function caught RunLost and went on
+            return _stopped("lost")
         return _failure(task, exc, failures)
     finally:
         execution.running_user_code = None

@@ -6,6 +6,7 @@ import traceback as tb
 
 import msgspec
 
+from conveyor.shared.errors import describe
 from conveyor.shared.models import RunStatus
 
 
@@ -41,8 +42,3 @@ def retrying(exc: BaseException, delay_s: float) -> Outcome:
         traceback="".join(tb.format_exception(exc)),
         retry_delay_ms=max(0, int(delay_s * 1000)),
     )
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

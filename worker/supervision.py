@@ -1,5 +1,12 @@
 """Background duties of a worker: renew leases, hand long runs over before RabbitMQ's
-consumer_timeout, and stop runs that were canceled."""
+consumer_timeout, and stop runs that were canceled.
+
+Renewals depend on Redis alone. Each attempt is renewed a third of the lease after its
+claim was sent and every third after each renewal, so a renewal is due well before the
+lease ends whatever the timing of the claim's reply. Hand-overs publish to RabbitMQ, which
+may be slow, blocked or restarting: each runs in a task of its own, so a renewal never
+waits behind one.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
+
+from .execution import Execution
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -19,6 +28,7 @@ class Supervisor:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._tasks: list[asyncio.Task[None]] = []
+        self._handovers: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._tasks = [
@@ -27,65 +37,93 @@ class Supervisor:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._handovers]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._handovers]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
 
     async def _renew_leases(self) -> None:
-        interval = self.worker.settings.lease_ttl / 3
+        # Ticks at a sixth of the lease: a renewal is made at most that late.
+        tick = self.worker.settings.lease_ttl / 6
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
             try:
-                await self.renew_once(interval)
+                await self.renew_once()
             except Exception as exc:
-                log.warning("lease renewal failed: %r", exc)
+                if self.worker.redis_gate.is_open:
+                    log.warning("lease renewal failed: %r", exc)
+                else:  # the outage was logged once already
+                    log.debug("lease renewal failed: %r", exc)
+            self._hand_over_long_runs()
 
-    async def renew_once(self, min_age: float) -> None:
+    async def renew_once(self) -> None:
         worker = self.worker
         now = time.monotonic()
-        due = [e for e in worker.inflight.values() if not e.done and now - e.started >= min_age]
+        every = worker.settings.lease_ttl / 3
+        due = [e for e in worker.inflight.values() if not e.done and now - e.leased_at >= every]
         if not due:
             return
         replies = await worker.store.heartbeat([(e.run_id, e.attempt) for e in due], worker.id)
         for execution, reply in zip(due, replies, strict=True):
             if reply == "ok":
+                execution.leased_at = now
                 continue
             if reply == "CANCELED":
                 execution.stop("cancel")
             elif not execution.done:
                 log.warning(
-                    "run %s: lost its lease (%s); stopping it here", execution.run_id, reply
+                    "run %s: attempt %d lost its lease (%s); stopping it here",
+                    execution.run_id,
+                    execution.attempt,
+                    reply,
                 )
                 execution.stop("lost")
-        handover_after = worker.settings.handover_after
-        for execution in due:
+
+    def _hand_over_long_runs(self) -> None:
+        worker = self.worker
+        now = time.monotonic()
+        for execution in list(worker.inflight.values()):
             if (
-                not execution.handed_over
+                not execution.handing_over
                 and not execution.done
-                and now - execution.started >= handover_after
+                and now - execution.started >= worker.settings.handover_after
             ):
-                try:
-                    await worker.hand_over(execution)
-                except Exception as exc:
-                    log.warning("run %s: hand-over failed: %r", execution.run_id, exc)
+                execution.handing_over = True
+                task = asyncio.create_task(self._hand_over(execution))
+                self._handovers.add(task)
+                task.add_done_callback(self._handovers.discard)
+
+    async def _hand_over(self, execution: Execution) -> None:
+        try:
+            await self.worker.hand_over(execution)
+        except Exception as exc:
+            log.warning("run %s: hand-over failed: %r; trying again", execution.run_id, exc)
+            execution.handing_over = False
 
     async def _listen_for_cancels(self) -> None:
         worker = self.worker
+        # Polled with a timeout rather than a blocking listen(): the connection's socket
+        # timeout would end a quiet listen(), and each poll checks the connection's health.
+        poll = worker.settings.redis_timeout / 2
         while True:
             try:
                 async with worker.redis.pubsub() as pubsub:
                     await pubsub.subscribe(worker.store.keys.cancel_channel)
-                    async for item in pubsub.listen():
-                        if item.get("type") != "message":
+                    while True:
+                        item = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=poll
+                        )
+                        if item is None or item.get("type") != "message":
                             continue
-                        execution = worker.inflight.get(item["data"].decode())
-                        if execution is not None:
-                            execution.stop("cancel")
+                        run_id = item["data"].decode()
+                        for execution in list(worker.inflight.values()):
+                            if execution.run_id == run_id:
+                                execution.stop("cancel")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cancel listener: %r; reconnecting", exc)
+                if worker.redis_gate.is_open:
+                    log.warning("cancel listener: %r; reconnecting", exc)
                 await asyncio.sleep(1)

@@ -13,10 +13,11 @@ import asyncio
 import functools
 import logging
 import os
+import random
 import secrets
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -27,19 +28,25 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError
 from aiormq.abc import DeliveredMessage
 
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared.availability import (
+    Backoff,
+    Gate,
+    is_broker_unavailable,
+    is_infrastructure_error,
+    is_redis_unavailable,
+)
 from conveyor.shared.context import RunContext, RunInfo
-from conveyor.shared.errors import ConfigurationError
+from conveyor.shared.errors import ConfigurationError, ServiceUnavailable, describe
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.names import check_name
-from conveyor.shared.settings import Settings
-from conveyor.shared.store import NewRun, RunStore
+from conveyor.shared.settings import Settings, redact
+from conveyor.shared.store import Created, NewRun, RunStore
 
 from .admission import Admission
 from .delivery import Acks, Delivery
@@ -56,8 +63,6 @@ _encoder = msgspec.json.Encoder()
 UNKNOWN_TASK_DELIVERIES = 3
 # Deferred messages come back this much after the moment they wait for.
 DEFER_MARGIN_MS = 50
-# Tries to connect, declare and consume at start-up before the worker gives up.
-START_ATTEMPTS = 5
 
 
 class Worker:
@@ -88,17 +93,42 @@ class Worker:
         self.concurrency = concurrency
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            self.settings.redis_url, max_connections=concurrency + 16
+            self.settings.redis_url,
+            max_connections=concurrency + 16,
+            socket_timeout=self.settings.redis_timeout,
+            socket_connect_timeout=self.settings.connect_timeout,
+            socket_keepalive=True,
         )
         self.store = RunStore(self.redis, self.settings)
         self.topology = Topology(self.settings)
         self.publisher = Publisher(self.settings, self.topology)
-        self.inflight: dict[str, Execution] = {}
+        # Keyed by run and attempt: a worker that re-claims its own expired run (it stalled
+        # past its lease) tracks the stale attempt and the new one apart.
+        self.inflight: dict[tuple[str, int], Execution] = {}
         self._acks = Acks()
         self._slots = asyncio.Semaphore(concurrency)
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        self.admission = Admission(self.store, self.id, self._stopping)
+        # While a service is unavailable, the work that needs it waits at its gate: at most
+        # handover_after, so no delivery is held long enough for consumer_timeout.
+        self.redis_gate = Gate(
+            "Redis",
+            unavailable=is_redis_unavailable,
+            stopping=self._stopping,
+            hold_for=self.settings.handover_after,
+            probe=lambda: self.store.pipe.execute("PING"),
+            probe_timeout=self.settings.redis_timeout,
+        )
+        self.broker_gate = Gate(
+            "RabbitMQ",
+            unavailable=is_broker_unavailable,
+            stopping=self._stopping,
+            hold_for=self.settings.handover_after,
+        )
+        self.store.gate = self.redis_gate
+        self.admission = Admission(
+            self.store, self.id, self._stopping, max_wait=self.settings.handover_after
+        )
         self._connection: AbstractRobustConnection | None = None
         self._queues: list[AbstractQueue] = []
         self._consumers: list[tuple[AbstractQueue, str]] = []
@@ -115,7 +145,12 @@ class Worker:
 
     async def run(self) -> None:
         """Start, work until stop() is called, then shut down gracefully."""
-        await self.start()
+        try:
+            await self.start()
+        except ServiceUnavailable as exc:
+            log.warning("%s", exc)
+            await self.shutdown()
+            return
         try:
             await self._stopping.wait()
         finally:
@@ -125,23 +160,10 @@ class Worker:
         self._stopping.set()
 
     async def start(self) -> None:
-        await self._check_redis()
-        for attempt in range(1, START_ATTEMPTS + 1):
-            try:
-                await self._start_consuming()
-                break
-            except (AMQPError, ConnectionError) as exc:
-                # Workers starting together on a fresh namespace declare the same quorum
-                # queues at once; RabbitMQ 3.10 may then fail basic.consume on a queue whose
-                # process is still starting (INTERNAL_ERROR closes the connection).
-                self._consumers.clear()
-                if self._connection is not None:
-                    await self._connection.close()
-                    self._connection = None
-                if attempt == START_ATTEMPTS:
-                    raise
-                log.warning("could not start consuming (%r); retrying", exc)
-                await asyncio.sleep(0.2 * attempt)
+        """Connect to Redis and RabbitMQ and start consuming. A service that is down or
+        restarting is waited for (with backoff, saying what is awaited) until stop()."""
+        await self._until_up(f"Redis at {redact(self.settings.redis_url)}", self._connect_redis)
+        await self._until_up(f"RabbitMQ at {redact(self.settings.amqp_url)}", self._start_consuming)
         self._supervisor.start()
         log.info(
             "worker %s consuming %s in namespace %r (concurrency %d)",
@@ -151,10 +173,41 @@ class Worker:
             self.concurrency,
         )
 
+    async def _until_up(self, service: str, connect: Callable[[], Awaitable[None]]) -> None:
+        backoff = Backoff(first=0.2, cap=5.0)
+        while True:
+            try:
+                await connect()
+                return
+            except Exception as exc:
+                if not is_infrastructure_error(exc):
+                    raise
+                await self._close_connection()
+                pause = backoff.next()
+                log.warning(
+                    "waiting for %s (%s); trying again in %.1fs", service, describe(exc), pause
+                )
+                if await _wait_set(self._stopping, pause):
+                    raise ServiceUnavailable(f"stopped while waiting for {service}") from exc
+
+    async def _connect_redis(self) -> None:
+        await self.store.pipe.execute("PING")
+        await self._check_redis()
+
+    async def _close_connection(self) -> None:
+        self._consumers.clear()
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            try:
+                await connection.close()
+            except Exception as exc:  # it may not have opened completely
+                log.debug("closing a failed connection: %r", exc)
+
     async def _start_consuming(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             client_properties={"connection_name": f"conveyor-worker:{self.id}"},
+            timeout=self.settings.connect_timeout,
         )
         await self.publisher.connect(self._connection)
         channel: AbstractRobustChannel = await self._connection.channel(publisher_confirms=False)
@@ -200,9 +253,9 @@ class Worker:
         await self._supervisor.stop()
         # Closing the connection drops frames still queued: the last acks go out first.
         await self._acks.written(timeout=5)
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        await self._close_connection()
+        await self.redis_gate.aclose()
+        await self.broker_gate.aclose()
         await self.store.close()
         await self.redis.aclose()
 
@@ -232,8 +285,20 @@ class Worker:
                 await self._handle(queue, message)
             finally:
                 self._slots.release()
+        except ServiceUnavailable as exc:
+            # Held as long as a delivery may be: back to the queue, once.
+            log.warning("giving a message back to queue %r: %s", queue, exc)
+            await message.nack(requeue=True)
         except Exception:
-            log.exception("unexpected error handling a message; it will be redelivered")
+            # Not a known outage, not a known bad message: a bug or an unknown failure.
+            # Requeued after a pause that grows with its deliveries, never in a tight loop.
+            pause = _requeue_pause(message.headers)
+            log.exception(
+                "unexpected error handling a message from queue %r; requeued in %.1fs",
+                queue,
+                pause,
+            )
+            await _wait_set(self._stopping, pause)
             await message.nack(requeue=True)
 
     async def _take_slot(self, queue: str, message: Delivery) -> bool:
@@ -248,8 +313,8 @@ class Worker:
                 await self._slots.acquire()
         except TimeoutError:
             delay_ms = int(self.settings.lease_ttl * 1000)
-            await self.publisher.publish(
-                [Outgoing(queue, message.body, message_id=message.message_id, delay_ms=delay_ms)]
+            await self._publish(
+                Outgoing(queue, message.body, message_id=message.message_id, delay_ms=delay_ms)
             )
             message.ack()
             return False
@@ -294,7 +359,7 @@ class Worker:
             # Give the run an id its redeliveries keep: otherwise a redelivery after a crash
             # would start a second run and leave the first one EXECUTING for ever.
             msg.id = new_run_id()
-            await self.publisher.publish([Outgoing(queue, _encoder.encode(msg), message_id=msg.id)])
+            await self._publish(Outgoing(queue, _encoder.encode(msg), message_id=msg.id))
             message.ack()
             return
         try:
@@ -307,16 +372,17 @@ class Worker:
             if early > DEFER_MARGIN_MS:
                 await self._defer(message, msg, queue, early)
                 return
+        claimed_at = time.monotonic()
         claim = await self.admission.claim(msg.id)
         if claim.kind == "missing":
             # Triggered straight through the broker (wire format): the run starts here.
-            [created] = await self.store.create(
-                [NewRun(msg.id, msg.task, queue, payload, msg.tags, msg.idempotency_key, 0)]
-            )
+            new = NewRun(msg.id, msg.task, queue, payload, msg.tags, msg.idempotency_key, 0)
+            [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
                 log.info("run %s: idempotency key already used by %s", msg.id, created.run_id)
                 message.ack()
                 return
+            claimed_at = time.monotonic()
             claim = await self.admission.claim(msg.id)
         if claim.kind in ("drop", "missing"):
             message.ack()
@@ -326,8 +392,19 @@ class Worker:
             await self._dead_letter(message, queue, claim.detail, run_id=msg.id)
         else:
             await self._execute(
-                message, msg, task, queue, payload, claim.attempt, claim.failures, claim.checkpoints
+                message,
+                msg,
+                task,
+                queue,
+                payload,
+                claim.attempt,
+                claim.failures,
+                claim.checkpoints,
+                claimed_at,
             )
+
+    async def _create(self, run: NewRun) -> list[Created]:
+        return await self.store.create([run])
 
     async def _execute(
         self,
@@ -339,40 +416,51 @@ class Worker:
         attempt: int,
         failures: int,
         checkpoints: dict[str, bytes],
+        claimed_at: float,
     ) -> None:
         run_id = msg.id
         assert run_id is not None
-        ctx = RunContext(RunInfo(run_id, task.id, attempt), self.store, checkpoints)
-        execution = Execution(run_id, attempt, task.id, queue, message)
-        self.inflight[run_id] = execution
+        execution = Execution(run_id, attempt, task.id, queue, message, claimed_at)
+        ctx = RunContext(
+            RunInfo(run_id, task.id, attempt),
+            self.store,
+            checkpoints,
+            worker=self.id,
+            lost=functools.partial(execution.stop, "lost"),
+        )
+        key = (run_id, attempt)
+        self.inflight[key] = execution
         try:
             outcome = await run_attempt(task, payload, ctx, failures, execution)
-            result = await self.store.finish(
-                run_id,
-                self.id,
-                attempt,
-                run_status=outcome.run_status,
-                attempt_status=outcome.attempt_status,
-                output=outcome.output,
-                error=outcome.error,
-                traceback=outcome.traceback,
-                retry_delay_ms=outcome.retry_delay_ms,
-            )
-            if result.kind == "ok" and outcome.run_status is RunStatus.RETRYING:
-                msg.not_before = result.at_ms
-                await self.publisher.publish(
-                    [
+            if execution.stop_reason == "lost":
+                # Taken over (this attempt stalled past its lease) or ended: whatever this
+                # attempt found is not the run's any more, so it writes nothing.
+                log.warning("run %s: attempt %d lost the run; its outcome is dropped", *key)
+            else:
+                result = await self.store.finish(
+                    run_id,
+                    self.id,
+                    attempt,
+                    run_status=outcome.run_status,
+                    attempt_status=outcome.attempt_status,
+                    output=outcome.output,
+                    error=outcome.error,
+                    traceback=outcome.traceback,
+                    retry_delay_ms=outcome.retry_delay_ms,
+                )
+                if result.kind == "ok" and outcome.run_status is RunStatus.RETRYING:
+                    msg.not_before = result.at_ms
+                    await self._publish(
                         Outgoing(
                             queue,
                             _encoder.encode(msg),
                             message_id=run_id,
                             delay_ms=outcome.retry_delay_ms,
                         )
-                    ]
-                )
+                    )
         finally:
             execution.done = True
-            self.inflight.pop(run_id, None)
+            self.inflight.pop(key, None)
             self.admission.finished(run_id)
         if execution.handed_over:
             return
@@ -381,11 +469,15 @@ class Worker:
         else:
             message.ack()
 
+    async def _publish(self, outgoing: Outgoing) -> None:
+        """Publish one message, waiting at the broker gate while RabbitMQ is unavailable."""
+        await self.broker_gate.call(lambda: self.publisher.publish([outgoing]))
+
     async def _defer(self, message: Delivery, msg: RunMessage, queue: str, delay_ms: int) -> None:
         """Send the message round the delay ladder and ack this copy: nothing waits here."""
         run_id = msg.id
-        await self.publisher.publish(
-            [Outgoing(queue, _encoder.encode(msg), message_id=run_id, delay_ms=max(delay_ms, 1))]
+        await self._publish(
+            Outgoing(queue, _encoder.encode(msg), message_id=run_id, delay_ms=max(delay_ms, 1))
         )
         message.ack()
 
@@ -397,15 +489,13 @@ class Worker:
         msg.id = execution.run_id
         msg.not_before = None
         delay_ms = int(self.settings.lease_ttl * 1000) + DEFER_MARGIN_MS
-        await self.publisher.publish(
-            [
-                Outgoing(
-                    execution.queue,
-                    _encoder.encode(msg),
-                    message_id=execution.run_id,
-                    delay_ms=delay_ms,
-                )
-            ]
+        await self._publish(
+            Outgoing(
+                execution.queue,
+                _encoder.encode(msg),
+                message_id=execution.run_id,
+                delay_ms=delay_ms,
+            )
         )
         execution.handed_over = True
         message.ack()
@@ -422,7 +512,9 @@ class Worker:
         headers = dict(message.headers or {})
         if run_id:
             headers["x-conveyor-run-id"] = run_id
-        await self.publisher.dead_letter(message.body, queue, reason, headers)
+        await self.broker_gate.call(
+            lambda: self.publisher.dead_letter(message.body, queue, reason, headers)
+        )
         message.ack()
 
     async def _check_redis(self) -> None:
@@ -438,3 +530,21 @@ class Worker:
             log.warning(
                 "Redis maxmemory-policy is %r; use noeviction so run state is never evicted", policy
             )
+
+
+async def _wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `event`; whether it was set."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _requeue_pause(headers: Mapping[str, Any]) -> float:
+    """A random pause before requeueing after an unexpected error, growing with the
+    message's deliveries so far (up to 30 s)."""
+    deliveries = headers.get("x-delivery-count")
+    deliveries = deliveries if isinstance(deliveries, int) and deliveries >= 0 else 0
+    return random.uniform(0.5, min(30.0, 1.0 * 2 ** min(deliveries, 5)))

@@ -1,12 +1,14 @@
 -- Decide what a delivered message means for its run, and start an attempt if it may run.
 -- KEYS: run, steps
--- ARGV: worker, lease_ms, max_crashes, run_ttl_s, alone ('1': nothing else runs in the worker)
+-- ARGV: worker, lease_ms, max_crashes, run_ttl_s, alone ('1': nothing else runs in the worker),
+--       claim token (unique per delivery in the worker: the same claim sent again after a
+--       lost reply gets the same answer, not 'busy' and later a crash)
 -- Returns {'run', attempt, failures, crashes, checkpoints...} | {'drop', status}
 --       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'} | {'alone', crashes}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
-  'crashes', 'failures', 'worker', 'started_at')
+  'crashes', 'failures', 'worker', 'started_at', 'claim')
 local status = r[1]
 if not status then return {'missing'} end
 if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
@@ -14,6 +16,18 @@ if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status
   return {'drop', status}
 end
 local crashes = tonumber(r[5] or '0')
+-- Checkpoints and the answer for an attempt that has started.
+local function started(n)
+  local out = {'run', n, tonumber(r[6] or '0'), crashes}
+  local cps = redis.call('HGETALL', KEYS[2])
+  for i = 1, #cps do out[#out + 1] = cps[i] end
+  return out
+end
+if status == 'EXECUTING' and r[7] == ARGV[1] and r[9] == ARGV[6] then
+  -- This very claim was applied before and its reply lost: the same attempt, a fresh lease.
+  redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(ARGV[2]))
+  return started(tonumber(r[4]))
+end
 if status == 'EXECUTING' then
   local lease = tonumber(r[2] or '0')
   if lease > now then return {'busy', lease - now} end
@@ -48,10 +62,7 @@ if crashes > 0 and crashes >= tonumber(ARGV[3]) - 1 and ARGV[5] ~= '1' then
 end
 local n = tonumber(r[4] or '0') + 1
 redis.call('HSET', KEYS[1], 'status', 'EXECUTING', 'attempt', n, 'worker', ARGV[1],
-  'lease_until', now + tonumber(ARGV[2]), 'started_at', r[8] or now,
+  'claim', ARGV[6], 'lease_until', now + tonumber(ARGV[2]), 'started_at', r[8] or now,
   'a:' .. n, '{"number":' .. n .. ',"status":"EXECUTING","started_at":' .. now
     .. ',"worker":' .. cjson.encode(ARGV[1]) .. '}')
-local out = {'run', n, tonumber(r[6] or '0'), crashes}
-local cps = redis.call('HGETALL', KEYS[2])
-for i = 1, #cps do out[#out + 1] = cps[i] end
-return out
+return started(n)

@@ -4,10 +4,17 @@
 --       retry_delay_ms
 -- run_status RETRYING schedules the next attempt; QUEUED hands the run back (shutdown).
 -- Returns {'ok', now} | {'terminal', status} | {'stale', status}
+-- Sent again after a lost reply, it answers 'ok' as the first time ('done' names the
+-- attempt whose outcome was written).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local record_key = 'a:' .. ARGV[2]
-local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', record_key)
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt', record_key, 'done',
+  'not_before', 'finished_at')
+if r[5] == ARGV[2] and r[2] == ARGV[1] then
+  if r[1] == 'RETRYING' then return {'ok', tonumber(r[6])} end
+  return {'ok', tonumber(r[7] or now)}
+end
 -- The attempt record closed: the field and value to write.
 local function closed_attempt()
   local rec
@@ -33,17 +40,18 @@ local run_status = ARGV[3]
 if run_status == 'RETRYING' then
   local at = now + tonumber(ARGV[9])
   redis.call('HSET', KEYS[1], record_key, closed_attempt(), 'status', 'RETRYING',
-    'not_before', at, 'lease_until', 0, 'error', ARGV[6])
+    'not_before', at, 'lease_until', 0, 'error', ARGV[6], 'done', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'failures', 1)
   return {'ok', at}
 end
 if run_status == 'QUEUED' then
-  redis.call('HSET', KEYS[1], record_key, closed_attempt(), 'status', 'QUEUED', 'lease_until', 0)
+  redis.call('HSET', KEYS[1], record_key, closed_attempt(), 'status', 'QUEUED', 'lease_until', 0,
+    'done', ARGV[2])
   return {'ok', now}
 end
 -- Terminal: one write for the record, the status and what the run ended with.
 local fields = {record_key, closed_attempt(), 'status', run_status, 'finished_at', now,
-  'lease_until', 0}
+  'lease_until', 0, 'done', ARGV[2]}
 if ARGV[5] ~= '' then fields[#fields + 1] = 'output'; fields[#fields + 1] = ARGV[5] end
 if ARGV[6] ~= '' then fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[6] end
 redis.call('HSET', KEYS[1], unpack(fields))
