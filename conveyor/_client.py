@@ -211,7 +211,35 @@ class Client:
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
         not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
         await self._publish(fresh, self._messages(task_id, queue, fresh, not_before))
+        hits = [c.run_id for c in created if not c.created]
+        if hits:
+            await self._republish_unstarted(hits)
         return [RunHandle(c.run_id, self, decode) for c in created]
+
+    async def _republish_unstarted(self, run_ids: list[str]) -> None:
+        """An idempotency hit on a run that never started: its message may be the one a
+        crash lost, so it is published again (a spare one is dropped by the claim)."""
+        states = await self.store.states(run_ids)
+        unstarted = [
+            run_id
+            for run_id, state in zip(run_ids, states, strict=True)
+            if state is not None
+            and state.status in (RunStatus.QUEUED, RunStatus.DELAYED)
+            and state.attempt == 0
+        ]
+        now = int(time.time() * 1000)
+        outgoing = [
+            Outgoing(
+                r.queue,
+                _message_encoder.encode(r.message),
+                message_id=r.message.id,
+                delay_ms=max(0, (r.message.not_before or 0) - now),
+            )
+            for r in await self.store.republishes(unstarted)
+            if r is not None
+        ]
+        if outgoing:
+            await self.publisher.publish(outgoing)
 
     def _messages(
         self, task_id: str, queue: str, runs: Sequence[NewRun], not_before: int | None

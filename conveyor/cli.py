@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -38,6 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
+    scheduler = sub.add_parser(
+        "scheduler", help="run a scheduler replica (leader election, reaper, dead letters)"
+    )
+    scheduler.add_argument(
+        "modules", nargs="*", metavar="MODULE", help="modules that define tasks (for cron)"
+    )
+    scheduler.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+    dead = sub.add_parser("dead", help="dead-lettered messages: list, replay, purge")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True)
+    dead_list = dead_sub.add_parser("list", help="dead letters, newest first")
+    dead_list.add_argument("--limit", type=_positive_int, default=20)
+    dead_list.add_argument("--json", action="store_true")
+    replay = dead_sub.add_parser("replay", help="publish dead letters back to their queues")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", default=[], metavar="ID")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    replay.add_argument("--json", action="store_true")
+    purge = dead_sub.add_parser("purge", help="remove every dead letter")
+    purge.add_argument("--json", action="store_true")
+
     trigger = sub.add_parser("trigger", help="trigger a run of a task by id")
     trigger.add_argument("task_id", metavar="TASK_ID")
     trigger.add_argument("--payload", default="{}", help="JSON object of arguments")
@@ -63,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return _worker(args)
+        if args.command == "scheduler":
+            return _scheduler(args)
+        if args.command == "dead":
+            return uvloop.run(_dead_command(args))
         return uvloop.run(_client_command(args))
     except ConveyorError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
@@ -78,9 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _worker(args: argparse.Namespace) -> int:
-    from conveyor.worker import Worker
-
+def _import_modules(args: argparse.Namespace) -> bool:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -90,7 +116,78 @@ def _worker(args: argparse.Namespace) -> int:
             importlib.import_module(module)
         except ImportError as exc:
             print(f"conveyor: cannot import task module {module!r}: {exc}", file=sys.stderr)
-            return 2
+            return False
+    return True
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from conveyor.scheduler import Scheduler
+
+    if not _import_modules(args):
+        return 2
+    scheduler = Scheduler(namespace=args.namespace)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, scheduler.stop)
+        await scheduler.run()
+
+    uvloop.run(serve())
+    return 0
+
+
+async def _dead_command(args: argparse.Namespace) -> int:
+    from conveyor.scheduler.dead import DeadLetter, DeadLetters
+    from conveyor.scheduler.runtime import Runtime
+    from conveyor.shared.settings import Settings
+
+    runtime = Runtime(Settings.from_env(namespace=args.namespace), "conveyor-cli")
+    try:
+        await runtime.connect()
+        dead = DeadLetters(runtime)
+        # What waits in the queue is recorded first, so this works with no scheduler running.
+        await dead.ingest()
+        if args.dead_command == "list":
+            records = await dead.recent(args.limit)
+            lines = [
+                f"{r.id}  {_when(_from_ms(r.at))}  {r.queue or '-':<16} {r.task or '-':<20} "
+                f"{r.run_id or '-'}  {r.reason}"
+                for r in records
+            ]
+            _out(args, [_dead_dict(r) for r in records], "\n".join(lines) or "no dead letters")
+        elif args.dead_command == "replay":
+            if not args.all and not args.ids:
+                raise ConveyorError("give the ids of the dead letters to replay, or --all")
+            replayed: list[DeadLetter] = await dead.replay(None if args.all else args.ids)
+            text = "\n".join(f"replayed {r.id} to queue {r.queue}" for r in replayed)
+            _out(args, [r.id for r in replayed], text or "no dead letters")
+        else:
+            count = await dead.purge()
+            _out(args, {"purged": count}, f"purged {count} dead letters")
+        return 0
+    finally:
+        await runtime.close()
+
+
+def _dead_dict(record: Any) -> Any:
+    """A dead letter as `--json` shows it: the body as text where it is UTF-8."""
+    data = msgspec.to_builtins(record)
+    # Otherwise left base64-encoded, as msgspec writes bytes.
+    with contextlib.suppress(UnicodeDecodeError):
+        data["body"] = record.body.decode()
+    return data
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from conveyor.worker import Worker
+
+    if not _import_modules(args):
+        return 2
     worker = Worker(
         registered_tasks(),
         concurrency=args.concurrency,

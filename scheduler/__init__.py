@@ -1,5 +1,12 @@
-"""The scheduler process (leader lease, cron, rate tokens, timers).
+"""The scheduler process: a leader elected by a fenced Redis lease, and its duties.
 
-Not built yet: it arrives with the scheduling issue. Nothing here is imported by the
-rest of conveyor until then.
+lease.py     the leader lease and its fencing token
+reaper.py    republishes runs that nothing moves any more (the due index)
+dead.py      dead letters: recorded, their runs ended, listed, replayed, purged
+runtime.py   the connections the scheduler and the `conveyor dead` commands share
+process.py   the process: keeps or seeks the lease, runs the duties while it leads
 """
+
+from .process import Scheduler
+
+__all__ = ["Scheduler"]

@@ -9,6 +9,14 @@ class Keys:
         self.namespace = namespace
         self.runs_index = f"{namespace}:runs"
         self.cancel_channel = f"{namespace}:cancel"
+        # The scheduler's keys share the hash tag {sched}: its fenced scripts check the
+        # leader lease and write beside it on one slot.
+        self.leader = f"{namespace}:{{sched}}:leader"
+        self.leader_epoch = f"{namespace}:{{sched}}:epoch"
+        # run id -> epoch ms by which the run should have moved at the latest (the reaper's)
+        self.due = f"{namespace}:{{sched}}:due"
+        self.dead = f"{namespace}:{{sched}}:dead"
+        self.dead_index = f"{namespace}:{{sched}}:dead:index"
 
     def run(self, run_id: str) -> str:
         return f"{self.namespace}:{{{run_id}}}:run"

@@ -42,6 +42,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # connection); connecting, to Redis or RabbitMQ, has connect_timeout.
     redis_timeout: float = 10.0
     connect_timeout: float = 5.0
+    # The scheduler leader's lease; a standby takes over within this long of its death.
+    scheduler_lease_ttl: float = 10.0
+    # A run that has not moved this long after it was due is republished by the reaper.
+    reap_after: float = 60.0
+    # How often the leader looks for such runs (and for new dead letters).
+    reap_interval: float = 5.0
+    # Dead-letter records kept; beyond it the oldest are dropped.
+    dead_letters_max: int = 10000
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
@@ -59,6 +67,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "connect_timeout",
             "delivery_limit",
             "max_crashes",
+            "scheduler_lease_ttl",
+            "reap_after",
+            "reap_interval",
+            "dead_letters_max",
         ):
             if getattr(self, field) <= 0:
                 raise ConfigurationError(f"{field} must be positive, got {getattr(self, field)!r}")

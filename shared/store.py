@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 from .availability import Gate
 from .errors import RunLost
 from .keys import Keys
-from .models import Attempt, AttemptInfo, Run, RunStatus
+from .models import Attempt, AttemptInfo, Run, RunMessage, RunStatus
 from .pipe import Arg, RedisPipe, bulk
 from .scripts import Scripts
 from .settings import Settings
@@ -68,6 +68,22 @@ class Finish(msgspec.Struct, frozen=True):
     kind: Literal["ok", "terminal", "stale"]
     status: str = ""
     at_ms: int = 0
+
+
+class RunState(msgspec.Struct, frozen=True, gc=False):
+    """Where a run stands, as the reaper and a republish judge it."""
+
+    status: RunStatus
+    attempt: int
+    not_before: int
+    lease_until: int
+
+
+class Republish(msgspec.Struct, frozen=True):
+    """A run's message rebuilt from its hash, for the queue it belongs to."""
+
+    queue: str
+    message: RunMessage
 
 
 class StatusView(msgspec.Struct, frozen=True):
@@ -172,7 +188,7 @@ class RunStore:
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
         """One create.lua call for runs of the same task, queue, tags and delay."""
         first = runs[0]
-        keys = [self.keys.runs_index]
+        keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
             first.task_id,
             first.queue,
@@ -341,6 +357,46 @@ class RunStore:
         if status is None:
             return None
         return StatusView(RunStatus(status.decode()), output, error.decode() if error else None)
+
+    async def states(self, run_ids: Sequence[str]) -> list[RunState | None]:
+        """The state of each run (None: no such run), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hmget(
+                    self.keys.run(run_id), ["status", "attempt", "not_before", "lease_until"]
+                )
+            replies: list[Any] = await pipe.execute()
+        return [
+            None
+            if status is None
+            else RunState(RunStatus(status.decode()), int(attempt or 0), int(nb or 0), int(lu or 0))
+            for status, attempt, nb, lu in replies
+        ]
+
+    async def republishes(self, run_ids: Sequence[str]) -> list[Republish | None]:
+        """Each run's message as its trigger published it (None: no such run)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hmget(
+                    self.keys.run(run_id),
+                    ["task", "queue", "payload", "tags", "idem", "not_before"],
+                )
+            replies: list[Any] = await pipe.execute()
+        out: list[Republish | None] = []
+        for run_id, (task, queue, payload, tags, idem, nb) in zip(run_ids, replies, strict=True):
+            if task is None or queue is None:
+                out.append(None)
+                continue
+            message = RunMessage(
+                task=task.decode(),
+                payload=msgspec.Raw(payload or b"{}"),
+                id=run_id,
+                idempotency_key=idem.decode() if idem else None,
+                tags=_tags_decoder.decode(tags or b"[]"),
+                not_before=int(nb) if nb and int(nb) > 0 else None,
+            )
+            out.append(Republish(queue.decode(), message))
+        return out
 
     async def get(self, run_id: str) -> Run | None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -200,6 +200,65 @@ def spawn_worker(settings: Settings, client: Client) -> Iterator[Any]:
         p.wait()
 
 
+class SchedulerProcess:
+    """A real `conveyor scheduler` process; its log goes to `log_path` for the tests to read."""
+
+    def __init__(self, settings: Settings, log_path: Path, env: dict[str, str]) -> None:
+        full_env = dict(os.environ)
+        full_env.update(
+            CONVEYOR_AMQP_URL=settings.amqp_url,
+            CONVEYOR_REDIS_URL=settings.redis_url,
+            CONVEYOR_NAMESPACE=settings.namespace,
+            CONVEYOR_RUN_TTL=str(settings.run_ttl),
+            CONVEYOR_DELIVERY_LIMIT=str(settings.delivery_limit),
+            PYTHONPATH=str(ROOT),
+        )
+        full_env.update(env)
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "scheduler", "tests.tasks"],
+                env=full_env,
+                cwd=str(ROOT),
+                stderr=log,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+
+# Small enough that the scheduler tests see a takeover and a reap within seconds.
+SCHEDULER_ENV = {
+    "CONVEYOR_SCHEDULER_LEASE_TTL": "2",
+    "CONVEYOR_REAP_AFTER": "1",
+    "CONVEYOR_REAP_INTERVAL": "0.3",
+}
+
+
+@pytest.fixture
+def spawn_scheduler(settings: Settings, client: Client, tmp_path: Path) -> Iterator[Any]:
+    """Starts scheduler processes (killed at the end, before the namespace's cleanup)."""
+    procs: list[SchedulerProcess] = []
+
+    def spawn(env: dict[str, str] | None = None) -> SchedulerProcess:
+        log = tmp_path / f"scheduler-{len(procs)}.log"
+        p = SchedulerProcess(settings, log, {**SCHEDULER_ENV, **(env or {})})
+        procs.append(p)
+        return p
+
+    yield spawn
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
 async def eventually(check: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
     """Poll an async predicate until it returns a truthy value."""
     deadline = asyncio.get_running_loop().time() + timeout

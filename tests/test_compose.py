@@ -51,6 +51,23 @@ def test_expected_services(compose: dict[str, Any]) -> None:
     assert {"rabbitmq", "redis", "worker"} <= set(services(compose))
 
 
+def test_two_scheduler_replicas_beside_the_worker(compose: dict[str, Any]) -> None:
+    all_services = services(compose)
+    schedulers = [
+        s for s in all_services.values() if as_argv(s.get("command", []))[1:2] == ["scheduler"]
+    ]
+    assert len(schedulers) == 2
+    for scheduler in schedulers:
+        argv = as_argv(scheduler["command"])
+        assert argv[0] == "conveyor"
+        args = build_parser().parse_args(argv[1:])
+        for module in args.modules:
+            importlib.import_module(module)
+        # The same settings as the worker: it republishes to the worker's queues.
+        assert scheduler["environment"] == all_services["worker"]["environment"]
+        assert set(scheduler["depends_on"]) == {"rabbitmq", "redis"}
+
+
 def test_images_are_pinned(compose: dict[str, Any]) -> None:
     for name, service in services(compose).items():
         image = service.get("image")

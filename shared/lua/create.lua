@@ -1,20 +1,24 @@
 -- Create runs of one task, or return the existing run of a live idempotency key.
--- KEYS: runs index, then per run: run, idempotency (or the run key again when unused)
+-- KEYS: runs index, due index, then per run: run, idempotency (or the run key again when unused)
 -- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, then per run: run_id, payload, idem_key
 -- Returns per run: 1 and its id (created, or already there), or 0 and the existing run's id.
+-- Each new run enters the due index at the time it should start by: the reaper republishes
+-- it if nothing has moved it some time after that (scheduler/reaper.py).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local task, queue, tags, delay, idem_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local status = 'QUEUED'
 if delay > 0 then status = 'DELAYED' end
 local out = {}
-for i = 1, (#KEYS - 1) / 2 do
-  local run_key, idem_key = KEYS[2 * i], KEYS[2 * i + 1]
+for i = 1, (#KEYS - 2) / 2 do
+  local run_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local run_id, payload, idem = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', idem_key)
     if not existing then redis.call('SET', idem_key, run_id, 'PX', idem_ttl) end
+    -- A create retried after its reply was lost finds its own run: that is a create.
+    if existing == run_id then existing = false end
   end
   if existing then
     out[#out + 1] = 0
@@ -27,6 +31,7 @@ for i = 1, (#KEYS - 1) / 2 do
         'payload', payload, 'tags', tags, 'idem', idem, 'created_at', now,
         'attempt', 0, 'failures', 0, 'crashes', 0)
       redis.call('ZADD', KEYS[1], now, run_id)
+      redis.call('ZADD', KEYS[2], now + delay, run_id)
     end
     out[#out + 1] = 1
     out[#out + 1] = run_id

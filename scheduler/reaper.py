@@ -1,0 +1,142 @@
+"""The reaper: republishes runs that nothing moves any more.
+
+Every run enters the due index (`{ns}:{sched}:due`, run id -> epoch ms by which it should
+have started) when it is created. The hot path never touches it again; the reaper looks
+at entries more than `reap_after` past their time and, by the run's state:
+
+- gone or terminal: the entry is removed;
+- EXECUTING under a live lease, or not due yet (not_before ahead): the entry moves to
+  that time;
+- QUEUED, DELAYED or RETRYING past due, or EXECUTING with an expired lease: its message is
+  republished by run id (the claim dedupes a message that was not lost after all) and
+  the entry moves on, each further republish of the same run backing off twice as long.
+
+A stranded run is so republished at most `reap_after` + `reap_interval` after it was due
+while a scheduler leads (plus up to `scheduler_lease_ttl` after a leader dies).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from conveyor.broker.publisher import Outgoing
+from conveyor.shared.errors import PublishFailed
+from conveyor.shared.models import RunStatus
+from conveyor.shared.pipe import Arg
+from conveyor.shared.store import RunState
+
+from .lease import Lease, Refused
+from .runtime import Runtime
+
+log = logging.getLogger("conveyor.scheduler")
+
+BATCH = 500
+# Republishes per pass: a deep backlog of stranded runs is repaired over several passes
+# instead of flooding the broker at once. Entries that need no republish are not limited.
+REPUBLISH_PER_PASS = 5000
+# Repeated republishes of one run wait up to this many times reap_after.
+MAX_BACKOFF = 16
+# Runs whose republishes the leader counts (for the backoff) before it forgets them all.
+MAX_TRACKED = 100_000
+
+_encoder = msgspec.json.Encoder()
+_WAITING = {RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING}
+
+
+class Reaper:
+    def __init__(self, runtime: Runtime, lease: Lease) -> None:
+        self.rt = runtime
+        self.lease = lease
+        self.after_ms = int(runtime.settings.reap_after * 1000)
+        # Republishes per run, for the backoff; only the current leader's memory.
+        self._times: dict[str, int] = {}
+
+    async def reap(self) -> int:
+        """One pass; returns how many runs were republished. Raises Refused if the lease
+        was lost (nothing is then written)."""
+        done = 0
+        while done < REPUBLISH_PER_PASS and self.lease.held():
+            now = await self._now()
+            entries: list[Any] = await self.rt.redis.zrangebyscore(
+                self.rt.keys.due, "-inf", now - self.after_ms, start=0, num=BATCH
+            )
+            if not entries:
+                break
+            done += await self._batch([e.decode() for e in entries], now)
+            if len(entries) < BATCH:
+                break
+        return done
+
+    async def _batch(self, run_ids: list[str], now: int) -> int:
+        states = await self.rt.store.states(run_ids)
+        removed: list[str] = []
+        moved: list[tuple[int, str]] = []
+        stranded: list[str] = []
+        for run_id, state in zip(run_ids, states, strict=True):
+            verdict = self._judge(state, now)
+            if verdict is None:
+                removed.append(run_id)
+                self._times.pop(run_id, None)
+            elif verdict:
+                moved.append((verdict, run_id))
+            else:
+                stranded.append(run_id)
+        if stranded:
+            await self._republish(stranded)
+            for run_id in stranded:
+                n = self._times.get(run_id, 0)
+                self._times[run_id] = n + 1
+                moved.append((now + self.after_ms * (min(2**n, MAX_BACKOFF) - 1), run_id))
+        await self._write(removed, moved)
+        return len(stranded)
+
+    def _judge(self, state: RunState | None, now: int) -> int | None:
+        """None: drop the entry; a time: move it there; 0: republish the run."""
+        if state is None or state.status.is_terminal:
+            return None
+        if state.status is RunStatus.EXECUTING and state.lease_until > now:
+            return state.lease_until
+        if state.status in _WAITING and state.not_before > now:
+            return state.not_before
+        if state.status in _WAITING or state.status is RunStatus.EXECUTING:
+            return 0
+        return now  # a state the reaper does not repair (WAITING): look again later
+
+    async def _republish(self, run_ids: Sequence[str]) -> None:
+        if not self.lease.held():
+            raise Refused("lease lost before republishing")
+        by_queue: dict[str, list[Outgoing]] = {}
+        for r in await self.rt.store.republishes(run_ids):
+            if r is not None:
+                body = _encoder.encode(r.message)
+                by_queue.setdefault(r.queue, []).append(
+                    Outgoing(r.queue, body, message_id=r.message.id)
+                )
+        for queue, outgoing in by_queue.items():
+            try:
+                await self.rt.publisher.ensure_queue(queue)
+                await self.rt.publisher.publish(outgoing)
+            except PublishFailed as exc:
+                # One queue that cannot take them (deleted, declared with other arguments)
+                # must not hold up the others: its runs are tried again after the backoff.
+                log.warning("cannot republish %d runs to queue %r: %s", len(outgoing), queue, exc)
+                continue
+            log.info("republished %d stranded runs to queue %r", len(outgoing), queue)
+        if len(self._times) > MAX_TRACKED:
+            self._times.clear()  # only the backoff is lost
+
+    async def _write(self, removed: list[str], moved: list[tuple[int, str]]) -> None:
+        args: list[Arg] = [self.lease.token, len(removed), *removed]
+        for score, run_id in moved:
+            args += (score, run_id)
+        ok = await self.rt.scripts.call("sched_due", [self.rt.keys.leader, self.rt.keys.due], args)
+        if not ok:
+            raise Refused(f"due index write refused: epoch {self.lease.epoch} lost the lease")
+
+    async def _now(self) -> int:
+        seconds, micros = await self.rt.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
