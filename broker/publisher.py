@@ -38,6 +38,7 @@ from conveyor.shared.errors import PublishFailed
 from conveyor.shared.settings import Settings
 
 from .delay import delay_routing_key
+from .internals import check_aiormq
 from .topology import Topology
 
 log = logging.getLogger("conveyor.broker")
@@ -231,6 +232,7 @@ class Publisher:
     async def connect(self, connection: AbstractRobustConnection) -> None:
         self.connection = connection
         self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        check_aiormq(await self.channel.get_underlay_channel())
         await self.topology.declare_base(self.channel)
 
     async def ensure_queue(self, queue: str) -> None:

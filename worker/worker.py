@@ -100,6 +100,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self.admission = Admission(self.store, self.id, self._stopping)
         self._connection: AbstractRobustConnection | None = None
+        # The publisher's own connection: RabbitMQ blocks a connection that publishes
+        # during a resource alarm, and a blocked socket would hold up acks and deliveries.
+        self._publishing: AbstractRobustConnection | None = None
         self._queues: list[AbstractQueue] = []
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._supervisor = Supervisor(self)
@@ -135,9 +138,7 @@ class Worker:
                 # queues at once; RabbitMQ 3.10 may then fail basic.consume on a queue whose
                 # process is still starting (INTERNAL_ERROR closes the connection).
                 self._consumers.clear()
-                if self._connection is not None:
-                    await self._connection.close()
-                    self._connection = None
+                await self._close_connections()
                 if attempt == START_ATTEMPTS:
                     raise
                 log.warning("could not start consuming (%r); retrying", exc)
@@ -152,11 +153,15 @@ class Worker:
         )
 
     async def _start_consuming(self) -> None:
+        self._publishing = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"conveyor-worker-publisher:{self.id}"},
+        )
+        await self.publisher.connect(self._publishing)
         self._connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             client_properties={"connection_name": f"conveyor-worker:{self.id}"},
         )
-        await self.publisher.connect(self._connection)
         channel: AbstractRobustChannel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.concurrency)
         # Strong references: the robust channel re-declares these queues after a reconnect.
@@ -200,11 +205,15 @@ class Worker:
         await self._supervisor.stop()
         # Closing the connection drops frames still queued: the last acks go out first.
         await self._acks.written(timeout=5)
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        await self._close_connections()
         await self.store.close()
         await self.redis.aclose()
+
+    async def _close_connections(self) -> None:
+        for connection in (self._connection, self._publishing):
+            if connection is not None:
+                await connection.close()
+        self._connection = self._publishing = None
 
     # -- messages -----------------------------------------------------------------------
 
