@@ -1,7 +1,8 @@
 """The publisher: persistent, mandatory, confirmed messages that survive a broker restart.
 
 A publish returns only once the broker has confirmed the message; an unroutable message
-or a nack raises PublishFailed; a lost connection is retried until `publish_timeout`.
+or a nack raises PublishFailed; a lost connection is retried until `publish_timeout`, and
+a confirm that has not come by then raises PublishFailed with the outcome unknown.
 
 Messages are framed here (AMQP 0-9-1) and handed to aiormq's connection writer: every
 message published in one turn of the event loop, by any number of calls, goes out in one
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -117,6 +117,10 @@ class _Routed:
         # aiormq matches a returned (unroutable) message to its publish by message id
         self.message_id = message_id or uuid.uuid4().hex
         self.headers = headers
+
+
+class _NoConfirm(Exception):
+    """A message's confirm did not come within publish_timeout."""
 
 
 class _Tally:
@@ -239,7 +243,7 @@ class Publisher:
         """Declare a work queue once, so triggers before any worker starts are kept."""
         if queue in self.topology.declared_queues:
             return
-        deadline = time.monotonic() + self.settings.publish_timeout
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
         pause = 0.05
         while True:
             try:
@@ -272,11 +276,18 @@ class Publisher:
     async def _send(self, messages: list[_Routed]) -> None:
         """Publish until every message is confirmed; what a lost connection took is sent
         again until `publish_timeout`."""
-        deadline = time.monotonic() + self.settings.publish_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.publish_timeout
         pause = 0.05
         while messages:
             tally = self._queue(messages)
-            await tally.done
+            # One timer per call, not per message: a confirm that never comes (a broker
+            # that blocks this connection in a resource alarm) fails the call at the deadline.
+            timer = loop.call_at(deadline, tally.fail, _NoConfirm())
+            try:
+                await tally.done
+            finally:
+                timer.cancel()
             messages, lost = self._outcome(tally)
             if lost is not None:
                 pause = await self._pause(lost, pause, deadline)
@@ -338,7 +349,15 @@ class Publisher:
         for m, error in zip(tally.messages, tally.outcomes, strict=True):
             if error is None:
                 continue
-            if isinstance(error, _TRANSIENT):
+            if isinstance(error, _NoConfirm):
+                failed = failed or PublishFailed(
+                    f"RabbitMQ at {_safe_url(self.settings.amqp_url)} did not confirm the "
+                    f"message for queue {m.queue!r} within {self.settings.publish_timeout}s "
+                    "(is it blocked by a memory or disk alarm?); the outcome is unknown: "
+                    "the message may or may not be queued",
+                    unknown=True,
+                )
+            elif isinstance(error, _TRANSIENT):
                 lost.append(m)
                 cause = error
             elif isinstance(error, PublishError):
@@ -357,11 +376,13 @@ class Publisher:
         return lost, cause
 
     async def _pause(self, exc: BaseException, pause: float, deadline: float) -> float:
-        """Wait before trying again, or raise PublishFailed when out of time."""
-        if time.monotonic() + pause > deadline:
+        """Wait before trying again, or raise PublishFailed when out of time (a message
+        sent before the connection was lost may have reached the broker)."""
+        if asyncio.get_running_loop().time() + pause > deadline:
             raise PublishFailed(
                 f"RabbitMQ at {_safe_url(self.settings.amqp_url)} did not take the message "
-                f"within {self.settings.publish_timeout}s: {exc!r}"
+                f"within {self.settings.publish_timeout}s: {exc!r}",
+                unknown=True,
             ) from exc
         log.warning("broker unavailable (%r); retrying in %.2fs", exc, pause)
         await asyncio.sleep(pause)

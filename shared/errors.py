@@ -53,7 +53,12 @@ class PayloadTooLarge(TriggerError):
 
 
 class PublishFailed(TriggerError):
-    pass
+    """The broker did not take the message. `unknown`: it may have (its confirm did not
+    come in time, or the connection was lost after it was sent)."""
+
+    def __init__(self, message: str, *, unknown: bool = False) -> None:
+        super().__init__(message)
+        self.unknown = unknown
 
 
 class RunNotFound(ConveyorError):
