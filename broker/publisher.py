@@ -47,6 +47,8 @@ Headers = Mapping[str, aio_pika.abc.FieldValue]
 
 REASON_HEADER = "x-conveyor-reason"
 QUEUE_HEADER = "x-conveyor-queue"
+RUN_ID_HEADER = "x-conveyor-run-id"
+DROPPED_HEADER = "x-conveyor-headers-dropped"
 
 # aiormq looks at every unconfirmed message of the channel for each confirm frame, so
 # a very large batch goes out in windows of this many, each confirmed before the next.
@@ -66,6 +68,9 @@ _CONTENT = struct.Struct(">HHQH")
 _CONTENT_TYPE, _HAS_HEADERS, _DELIVERY_MODE, _MESSAGE_ID = 0x8000, 0x2000, 0x1000, 0x0080
 _JSON = b"\x10application/json"
 _PERSISTENT = b"\x02"
+# A content header's bytes besides its header table: class, weight, size, flags, content
+# type, delivery mode and a message id of up to 255 bytes.
+_HEADER_OVERHEAD = _CONTENT.size + len(_JSON) + len(_PERSISTENT) + 256
 
 
 def _short(value: str) -> bytes:
@@ -268,10 +273,16 @@ class Publisher:
         for start in range(0, len(routed), _WINDOW):
             await self._send(routed[start : start + _WINDOW])
 
-    async def dead_letter(self, body: bytes, queue: str, reason: str, headers: Headers) -> None:
-        merged = {k: v for k, v in headers.items() if not k.startswith("x-death")}
-        merged.update({REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
-        await self._send([_Routed(queue, self.names.dead, "", body, None, merged)])
+    async def dead_letter(
+        self, body: bytes, queue: str, reason: str, headers: Headers, run_id: str | None = None
+    ) -> None:
+        """Publish a message to the dead-letter queue with the reason, keeping its headers
+        as long as they fit in one frame of this connection (see dead_letter_headers)."""
+        channel = cast(aiormq.Channel, await self._require().get_underlay_channel())
+        table = dead_letter_headers(
+            headers, reason, queue, run_id, channel.max_content_size - _HEADER_OVERHEAD
+        )
+        await self._send([_Routed(queue, self.names.dead, "", body, None, table)])
 
     async def _send(self, messages: list[_Routed]) -> None:
         """Publish until every message is confirmed; what a lost connection took is sent
@@ -317,7 +328,7 @@ class Publisher:
                     continue  # the caller was cancelled
                 try:
                     parts.append(_frames(channel.number, channel.max_content_size, tally.messages))
-                except ValueError as exc:
+                except (ValueError, TypeError, AttributeError) as exc:  # pamqp, on bad headers
                     tally.fail(exc)
                     continue
                 framed.append(tally)
@@ -394,6 +405,31 @@ class Publisher:
         return self.channel
 
 
+def dead_letter_headers(
+    headers: Mapping[str, Any], reason: str, queue: str, run_id: str | None, limit: int
+) -> dict[str, Any]:
+    """The headers of a dead letter: the message's own (without RabbitMQ's x-death
+    history) and conveyor's reason, queue and run id. When the message's own would not
+    encode, or would not fit in `limit` bytes (a content header must fit in one frame,
+    whose size the connection negotiated), only conveyor's are kept, with a note."""
+    ours: dict[str, Any] = {REASON_HEADER: reason[:1000], QUEUE_HEADER: queue}
+    if run_id:
+        ours[RUN_ID_HEADER] = run_id
+    copied = {k: v for k, v in headers.items() if not str(k).startswith("x-death")}
+    merged = {**copied, **ours}
+    try:
+        size = len(field_table(merged))
+    except Exception as exc:  # any producer can send headers; pamqp re-encodes what it read
+        ours[DROPPED_HEADER] = f"{len(copied)} headers dropped: they do not encode ({exc})"[:500]
+        return ours
+    if size > limit:
+        ours[DROPPED_HEADER] = (
+            f"{len(copied)} headers dropped: {size} bytes, over the {limit} that fit in a frame"
+        )
+        return ours
+    return merged
+
+
 def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
     """The frames of each message on channel `number`: basic.publish (mandatory), the
     content header, and body frames of at most `limit` bytes."""
@@ -419,6 +455,12 @@ def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
             + _PERSISTENT
             + _short(m.message_id)
         )
+        if len(header) > limit:
+            # The broker would close the connection over it, taking every other message.
+            raise ValueError(
+                f"the headers of a message for {m.queue!r} take {len(header)} bytes, "
+                f"over the {limit} of a frame"
+            )
         parts += (method, _FRAME.pack(_HEADER, number, len(header)), header, end)
         for start in range(0, len(body), limit):
             chunk = body[start : start + limit]

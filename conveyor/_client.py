@@ -15,8 +15,10 @@ import redis.asyncio as aioredis
 
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
 from conveyor.shared.errors import (
     InvalidArguments,
+    InvalidOption,
     PayloadTooLarge,
     PublishFailed,
     ResultTimeout,
@@ -180,8 +182,13 @@ class Client:
         for body in payloads:
             if len(body) > limit:
                 raise PayloadTooLarge(task_id, len(body), limit)
-        if opts.delay is not None and opts.delay < 0:
-            raise TriggerError(f"delay must be zero or positive seconds, got {opts.delay}")
+        if opts.delay is not None and not 0 <= opts.delay <= MAX_DELAY_MS / 1000:
+            raise InvalidOption(
+                "delay", f"must be 0 to {MAX_DELAY_MS // 1000} seconds, got {opts.delay}"
+            )
+        problem = options_problem(opts.idempotency_key, opts.tags)
+        if problem is not None:
+            raise InvalidOption(*problem)
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
         delay_ms = int((opts.delay or 0) * 1000)

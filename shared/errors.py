@@ -6,6 +6,7 @@ ConveyorError
 ├── TriggerError              a run could not be triggered
 │   ├── InvalidArguments      arguments do not match the task's signature
 │   ├── PayloadTooLarge       the encoded arguments exceed the payload limit
+│   ├── InvalidOption         a trigger option (delay, tags, idempotency_key) is out of bounds
 │   └── PublishFailed         the broker did not accept the message
 ├── RunNotFound               no run with that id (never existed or expired)
 ├── RunFailed                 a run ended in a terminal state other than COMPLETED
@@ -50,6 +51,15 @@ class PayloadTooLarge(TriggerError):
         self.task_id = task_id
         self.size = size
         self.limit = limit
+
+
+class InvalidOption(TriggerError):
+    """A trigger option is out of its bounds (shared/bounds.py); `field` names it."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"invalid trigger option {field}: {detail}")
+        self.field = field
+        self.detail = detail
 
 
 class PublishFailed(TriggerError):

@@ -37,7 +37,6 @@ from conveyor.shared.context import RunContext, RunInfo
 from conveyor.shared.errors import ConfigurationError
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
-from conveyor.shared.names import check_name
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import NewRun, RunStore
 
@@ -45,6 +44,7 @@ from .admission import Admission
 from .delivery import Acks, Delivery
 from .execution import Execution, run_attempt
 from .supervision import Supervisor
+from .validation import Invalid, delivery_count, validate
 
 log = logging.getLogger("conveyor.worker")
 
@@ -265,40 +265,21 @@ class Worker:
         return True
 
     async def _handle(self, queue: str, message: Delivery) -> None:
-        body = message.body
-        limit = self.settings.max_payload_bytes
-        if len(body) > limit + 64 * 1024:
-            await self._dead_letter(
-                message, queue, f"message of {len(body)} bytes is over the limit"
-            )
+        now_ms = int(time.time() * 1000)
+        checked = validate(
+            message.body, message.message_id, self.settings.max_payload_bytes, now_ms
+        )
+        if isinstance(checked, Invalid):
+            await self._dead_letter(message, queue, checked.reason)
             return
-        try:
-            msg = _decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            await self._dead_letter(message, queue, f"invalid message body: {exc}")
-            return
-        payload = bytes(msg.payload)
-        if not payload.lstrip().startswith(b"{"):
-            await self._dead_letter(
-                message, queue, "invalid message body: payload must be a JSON object"
-            )
-            return
-        if len(payload) > limit:
-            await self._dead_letter(
-                message, queue, f"payload of {len(payload)} bytes is over the limit of {limit}"
-            )
-            return
+        msg, payload = checked.msg, checked.payload
         task = self.tasks.get(msg.task)
         if task is None:
-            deliveries = (message.headers or {}).get("x-delivery-count")
-            deliveries = deliveries if isinstance(deliveries, int) else 0
-            if deliveries + 1 >= UNKNOWN_TASK_DELIVERIES:
+            if delivery_count(message.headers) + 1 >= UNKNOWN_TASK_DELIVERIES:
                 await self._dead_letter(message, queue, f"unknown task {msg.task!r}")
             else:
                 await message.nack(requeue=True)
             return
-        if msg.id is None:
-            msg.id = message.message_id
         if msg.id is None:
             # Give the run an id its redeliveries keep: otherwise a redelivery after a crash
             # would start a second run and leave the first one EXECUTING for ever.
@@ -306,13 +287,8 @@ class Worker:
             await self.publisher.publish([Outgoing(queue, _encoder.encode(msg), message_id=msg.id)])
             message.ack()
             return
-        try:
-            check_name("run id", msg.id)  # it becomes part of Redis keys
-        except ConfigurationError as exc:
-            await self._dead_letter(message, queue, f"invalid message body: {exc}")
-            return
         if msg.not_before is not None:
-            early = msg.not_before - int(time.time() * 1000)
+            early = msg.not_before - now_ms
             if early > DEFER_MARGIN_MS:
                 await self._defer(message, msg, queue, early)
                 return
@@ -428,10 +404,7 @@ class Worker:
         run_id: str | None = None,
     ) -> None:
         log.warning("dead-lettering a message from queue %r: %s", queue, reason)
-        headers = dict(message.headers or {})
-        if run_id:
-            headers["x-conveyor-run-id"] = run_id
-        await self.publisher.dead_letter(message.body, queue, reason, headers)
+        await self.publisher.dead_letter(message.body, queue, reason, message.headers, run_id)
         message.ack()
 
     async def _check_redis(self) -> None:
