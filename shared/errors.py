@@ -7,7 +7,8 @@ ConveyorError
 │   ├── InvalidArguments      arguments do not match the task's signature
 │   ├── PayloadTooLarge       the encoded arguments exceed the payload limit
 │   ├── InvalidOption         a trigger option (delay, tags, idempotency_key) is out of bounds
-│   └── PublishFailed         the broker did not accept the message
+│   ├── PublishFailed         the broker did not accept the message
+│   └── TriggerIncomplete     the run was not both recorded and published in time
 ├── RunNotFound               no run with that id (never existed or expired)
 ├── RunFailed                 a run ended in a terminal state other than COMPLETED
 ├── ResultTimeout             a run did not finish within the wait (also a TimeoutError)
@@ -69,6 +70,33 @@ class PublishFailed(TriggerError):
     def __init__(self, message: str, *, unknown: bool = False) -> None:
         super().__init__(message)
         self.unknown = unknown
+
+
+class TriggerIncomplete(TriggerError):
+    """`trigger` could not both record its runs in Redis and get their messages confirmed
+    within `publish_timeout`, so it returns no handle. `published` says whether the runs
+    may still start: True, the messages are in RabbitMQ and the runs will start (the
+    worker that takes a message records its run); False, they were not published and
+    will not start; None, the broker never confirmed them, so they may or may not."""
+
+    def __init__(self, run_ids: list[str], published: bool | None, detail: str) -> None:
+        runs = f"run {run_ids[0]}" if len(run_ids) == 1 else f"runs {', '.join(run_ids)}"
+        if published:
+            outcome = (
+                "published, but Redis did not record it; it will still start: the worker "
+                "that takes its message records it"
+            )
+        elif published is None:
+            outcome = (
+                "not confirmed by RabbitMQ, so it may or may not start; look it up by its id "
+                "later (it stays QUEUED until its message arrives or is republished)"
+            )
+        else:
+            outcome = "not published; it will not start"
+        super().__init__(f"{runs}: {outcome} ({detail})")
+        self.run_ids = run_ids
+        self.run_id = run_ids[0]
+        self.published = published
 
 
 class RunNotFound(ConveyorError):

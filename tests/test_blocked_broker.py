@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from conveyor import Client, PublishFailed, RunStatus, Settings
+from conveyor import Client, PublishFailed, RunStatus, Settings, TriggerIncomplete
 from conveyor.broker.publisher import Outgoing
 from conveyor.worker import Worker
 from tests import tasks
@@ -87,6 +87,21 @@ async def test_a_publish_without_confirm_fails_at_the_timeout(
     assert failed.value.unknown
     assert "within 2.0s" in str(failed.value)
     assert waited >= 1.9, "it waited for the confirm until publish_timeout"
+
+
+async def test_a_trigger_without_confirm_says_the_run_may_start(
+    settings: Settings, client: Client
+) -> None:
+    quick = msgspec.structs.replace(settings, publish_timeout=2.0)
+    async with Client(settings=quick) as blocked:
+        await tasks.echo.trigger("warm")  # connected, queue declared
+        async with memory_alarm():
+            with pytest.raises(TriggerIncomplete) as incomplete:
+                await tasks.echo.trigger("maybe")
+        assert incomplete.value.published is None
+        assert "may or may not start" in str(incomplete.value)
+        # Not abandoned: its message may be queued, and then it runs.
+        assert await blocked.handle(incomplete.value.run_id).status() is RunStatus.QUEUED
 
 
 async def test_a_blocked_publisher_does_not_stall_acks_or_deliveries(
