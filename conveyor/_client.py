@@ -258,8 +258,13 @@ class Client:
         pause = 0.05
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
-                    created = await creating
+                if creating.done():  # usually answered by now: no timer
+                    created = creating.result()
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        created = await creating
+                if runs[0].idempotency_key is None:
+                    return created
                 # A retried create whose first try was applied finds the idempotency key
                 # holding its own run id: that run is this one.
                 return [
