@@ -1,7 +1,8 @@
 """The publisher: persistent, mandatory, confirmed messages that survive a broker restart.
 
 A publish returns only once the broker has confirmed the message; an unroutable message
-or a nack raises PublishFailed; a lost connection is retried until `publish_timeout`.
+or a nack raises PublishFailed; a lost connection is retried until `publish_timeout`, and
+a confirm that has not come by then raises PublishFailed with the outcome unknown.
 
 Messages are framed here (AMQP 0-9-1) and handed to aiormq's connection writer: every
 message published in one turn of the event loop, by any number of calls, goes out in one
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -38,6 +38,7 @@ from conveyor.shared.errors import PublishFailed
 from conveyor.shared.settings import Settings, redact
 
 from .delay import delay_routing_key
+from .internals import check_aiormq
 from .topology import Topology
 
 log = logging.getLogger("conveyor.broker")
@@ -46,10 +47,15 @@ Headers = Mapping[str, aio_pika.abc.FieldValue]
 
 REASON_HEADER = "x-conveyor-reason"
 QUEUE_HEADER = "x-conveyor-queue"
+RUN_ID_HEADER = "x-conveyor-run-id"
+DROPPED_HEADER = "x-conveyor-headers-dropped"
 
 # aiormq looks at every unconfirmed message of the channel for each confirm frame, so
 # a very large batch goes out in windows of this many, each confirmed before the next.
 _WINDOW = 4096
+
+# How often unconfirmed publishes are checked against their deadline.
+_SWEEP = 0.25
 
 _TRANSIENT = (AMQPConnectionError, ChannelInvalidStateError, ChannelClosed, ConnectionError)
 
@@ -65,6 +71,9 @@ _CONTENT = struct.Struct(">HHQH")
 _CONTENT_TYPE, _HAS_HEADERS, _DELIVERY_MODE, _MESSAGE_ID = 0x8000, 0x2000, 0x1000, 0x0080
 _JSON = b"\x10application/json"
 _PERSISTENT = b"\x02"
+# A content header's bytes besides its header table: class, weight, size, flags, content
+# type, delivery mode and a message id of up to 255 bytes.
+_HEADER_OVERHEAD = _CONTENT.size + len(_JSON) + len(_PERSISTENT) + 256
 
 
 def _short(value: str) -> bytes:
@@ -116,6 +125,10 @@ class _Routed:
         # aiormq matches a returned (unroutable) message to its publish by message id
         self.message_id = message_id or uuid.uuid4().hex
         self.headers = headers
+
+
+class _NoConfirm(Exception):
+    """A message's confirm did not come within publish_timeout."""
 
 
 class _Tally:
@@ -226,18 +239,21 @@ class Publisher:
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractChannel | None = None
         self._pending: list[_Tally] = []
+        self._watched: dict[_Tally, float] = {}  # publish calls waiting for confirms
+        self._sweeper: asyncio.TimerHandle | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
     async def connect(self, connection: AbstractRobustConnection) -> None:
         self.connection = connection
         self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        check_aiormq(await self.channel.get_underlay_channel())
         await self.topology.declare_base(self.channel)
 
     async def ensure_queue(self, queue: str) -> None:
         """Declare a work queue once, so triggers before any worker starts are kept."""
         if queue in self.topology.declared_queues:
             return
-        deadline = time.monotonic() + self.settings.publish_timeout
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
         pause = 0.05
         while True:
             try:
@@ -262,22 +278,50 @@ class Publisher:
         for start in range(0, len(routed), _WINDOW):
             await self._send(routed[start : start + _WINDOW])
 
-    async def dead_letter(self, body: bytes, queue: str, reason: str, headers: Headers) -> None:
-        merged = {k: v for k, v in headers.items() if not k.startswith("x-death")}
-        merged.update({REASON_HEADER: reason[:1000], QUEUE_HEADER: queue})
-        await self._send([_Routed(queue, self.names.dead, "", body, None, merged)])
+    async def dead_letter(
+        self, body: bytes, queue: str, reason: str, headers: Headers, run_id: str | None = None
+    ) -> None:
+        """Publish a message to the dead-letter queue with the reason, keeping its headers
+        as long as they fit in one frame of this connection (see dead_letter_headers)."""
+        channel = cast(aiormq.Channel, await self._require().get_underlay_channel())
+        table = dead_letter_headers(
+            headers, reason, queue, run_id, channel.max_content_size - _HEADER_OVERHEAD
+        )
+        await self._send([_Routed(queue, self.names.dead, "", body, None, table)])
 
     async def _send(self, messages: list[_Routed]) -> None:
         """Publish until every message is confirmed; what a lost connection took is sent
         again until `publish_timeout`."""
-        deadline = time.monotonic() + self.settings.publish_timeout
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
         pause = 0.05
         while messages:
             tally = self._queue(messages)
-            await tally.done
+            self._watch(tally, deadline)
+            try:
+                await tally.done
+            finally:
+                del self._watched[tally]  # not kept alive until the next sweep
             messages, lost = self._outcome(tally)
             if lost is not None:
                 pause = await self._pause(lost, pause, deadline)
+
+    def _watch(self, tally: _Tally, deadline: float) -> None:
+        """Fail the tally if its confirms are not all in by the deadline (a broker that
+        blocks this connection in a resource alarm sends none). One sweep every _SWEEP
+        seconds for all calls: a timer per call measured several microseconds of a
+        trigger's 50 or so of client CPU here."""
+        self._watched[tally] = deadline
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for tally, deadline in list(self._watched.items()):
+            if now >= deadline:
+                tally.fail(_NoConfirm())
+        self._sweeper = (
+            asyncio.get_running_loop().call_later(_SWEEP, self._sweep) if self._watched else None
+        )
 
     def _queue(self, messages: list[_Routed]) -> _Tally:
         """Join this loop turn's write."""
@@ -304,7 +348,7 @@ class Publisher:
                     continue  # the caller was cancelled
                 try:
                     parts.append(_frames(channel.number, channel.max_content_size, tally.messages))
-                except ValueError as exc:
+                except (ValueError, TypeError, AttributeError) as exc:  # pamqp, on bad headers
                     tally.fail(exc)
                     continue
                 framed.append(tally)
@@ -336,7 +380,15 @@ class Publisher:
         for m, error in zip(tally.messages, tally.outcomes, strict=True):
             if error is None:
                 continue
-            if isinstance(error, _TRANSIENT):
+            if isinstance(error, _NoConfirm):
+                failed = failed or PublishFailed(
+                    f"RabbitMQ at {redact(self.settings.amqp_url)} did not confirm the "
+                    f"message for queue {m.queue!r} within {self.settings.publish_timeout}s "
+                    "(is it blocked by a memory or disk alarm?); the outcome is unknown: "
+                    "the message may or may not be queued",
+                    unknown=True,
+                )
+            elif isinstance(error, _TRANSIENT):
                 lost.append(m)
                 cause = error
             elif isinstance(error, PublishError):
@@ -355,12 +407,13 @@ class Publisher:
         return lost, cause
 
     async def _pause(self, exc: BaseException, pause: float, deadline: float) -> float:
-        """Wait before trying again, or raise PublishFailed when out of time."""
-        if time.monotonic() + pause > deadline:
+        """Wait before trying again, or raise PublishFailed when out of time (a message
+        sent before the connection was lost may have reached the broker)."""
+        if asyncio.get_running_loop().time() + pause > deadline:
             raise PublishFailed(
                 f"RabbitMQ at {redact(self.settings.amqp_url)} did not take the message "
                 f"within {self.settings.publish_timeout}s: {exc!r}",
-                transient=True,
+                unknown=True,
             ) from exc
         log.warning("broker unavailable (%r); retrying in %.2fs", exc, pause)
         await asyncio.sleep(pause)
@@ -370,6 +423,31 @@ class Publisher:
         if self.channel is None:
             raise RuntimeError("publisher used before connect()")
         return self.channel
+
+
+def dead_letter_headers(
+    headers: Mapping[str, Any], reason: str, queue: str, run_id: str | None, limit: int
+) -> dict[str, Any]:
+    """The headers of a dead letter: the message's own (without RabbitMQ's x-death
+    history) and conveyor's reason, queue and run id. When the message's own would not
+    encode, or would not fit in `limit` bytes (a content header must fit in one frame,
+    whose size the connection negotiated), only conveyor's are kept, with a note."""
+    ours: dict[str, Any] = {REASON_HEADER: reason[:1000], QUEUE_HEADER: queue}
+    if run_id:
+        ours[RUN_ID_HEADER] = run_id
+    copied = {k: v for k, v in headers.items() if not str(k).startswith("x-death")}
+    merged = {**copied, **ours}
+    try:
+        size = len(field_table(merged))
+    except Exception as exc:  # any producer can send headers; pamqp re-encodes what it read
+        ours[DROPPED_HEADER] = f"{len(copied)} headers dropped: they do not encode ({exc})"[:500]
+        return ours
+    if size > limit:
+        ours[DROPPED_HEADER] = (
+            f"{len(copied)} headers dropped: {size} bytes, over the {limit} that fit in a frame"
+        )
+        return ours
+    return merged
 
 
 def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
@@ -397,6 +475,12 @@ def _frames(number: int, limit: int, messages: list[_Routed]) -> bytes:
             + _PERSISTENT
             + _short(m.message_id)
         )
+        if len(header) > limit:
+            # The broker would close the connection over it, taking every other message.
+            raise ValueError(
+                f"the headers of a message for {m.queue!r} take {len(header)} bytes, "
+                f"over the {limit} of a frame"
+            )
         parts += (method, _FRAME.pack(_HEADER, number, len(header)), header, end)
         for start in range(0, len(body), limit):
             chunk = body[start : start + limit]

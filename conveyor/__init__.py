@@ -19,6 +19,7 @@ from conveyor.shared.errors import (
     ConfigurationError,
     ConveyorError,
     InvalidArguments,
+    InvalidOption,
     NonRetryableError,
     PayloadTooLarge,
     PublishFailed,
@@ -28,6 +29,7 @@ from conveyor.shared.errors import (
     StepResultNotSerializable,
     TaskDefinitionError,
     TriggerError,
+    TriggerIncomplete,
 )
 from conveyor.shared.models import AttemptInfo, Run, RunStatus
 from conveyor.shared.retry import Retry
@@ -40,6 +42,7 @@ __all__ = [
     "ConfigurationError",
     "ConveyorError",
     "InvalidArguments",
+    "InvalidOption",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
@@ -56,6 +59,7 @@ __all__ = [
     "Task",
     "TaskDefinitionError",
     "TriggerError",
+    "TriggerIncomplete",
     "current_run",
     "registered_tasks",
     "run_step",

@@ -12,17 +12,21 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import aio_pika
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
 from conveyor.shared.errors import (
     InvalidArguments,
+    InvalidOption,
     PayloadTooLarge,
     PublishFailed,
     ResultTimeout,
     RunFailed,
     RunNotFound,
     TriggerError,
+    TriggerIncomplete,
 )
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import Run, RunMessage, RunStatus
@@ -180,8 +184,13 @@ class Client:
         for body in payloads:
             if len(body) > limit:
                 raise PayloadTooLarge(task_id, len(body), limit)
-        if opts.delay is not None and opts.delay < 0:
-            raise TriggerError(f"delay must be zero or positive seconds, got {opts.delay}")
+        if opts.delay is not None and not 0 <= opts.delay <= MAX_DELAY_MS / 1000:
+            raise InvalidOption(
+                "delay", f"must be 0 to {MAX_DELAY_MS // 1000} seconds, got {opts.delay}"
+            )
+        problem = options_problem(opts.idempotency_key, opts.tags)
+        if problem is not None:
+            raise InvalidOption(*problem)
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
         delay_ms = int((opts.delay or 0) * 1000)
@@ -193,24 +202,24 @@ class Client:
             NewRun(new_run_id(), task_id, queue, body, opts.tags, opts.idempotency_key, delay_ms)
             for body in payloads
         ]
+        # One budget for the whole trigger: recording the runs and getting their confirms.
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
         if opts.idempotency_key is None and not delay_ms:
             # Nothing to look up first, so the runs are created and their messages published
             # at once: a worker that gets a message before its run exists creates it itself.
             creating = self.store.create(runs)
-            try:
-                await self._publish(runs, self._messages(task_id, queue, runs, None), creating)
-            finally:
-                # Answered before returning, so the runs can be read at once. The messages
-                # are in the broker: the runs happen even if Redis failed just now.
-                if not creating.done():
-                    await _settled(creating)
-                elif not creating.cancelled():
-                    creating.exception()  # retrieved, so asyncio does not log it
+            await self._publish(
+                runs, self._messages(task_id, queue, runs, None), creating, deadline
+            )
+            # Answered before returning, so the runs can be read at once.
+            await self._created(runs, creating, deadline, published=True)
             return [RunHandle(run.run_id, self, decode) for run in runs]
-        created = await self.store.create(runs)
+        created = await self._created(runs, self.store.create(runs), deadline, published=False)
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
         not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
-        await self._publish(fresh, self._messages(task_id, queue, fresh, not_before))
+        await self._publish(
+            fresh, self._messages(task_id, queue, fresh, not_before), None, deadline
+        )
         hits = [c.run_id for c in created if not c.created]
         if hits:
             await self._republish_unstarted(hits)
@@ -263,19 +272,70 @@ class Client:
             for run in runs
         ]
 
+    async def _created(
+        self,
+        runs: Sequence[NewRun],
+        creating: asyncio.Future[list[Created]],
+        deadline: float,
+        *,
+        published: bool,
+    ) -> list[Created]:
+        """The create's answer; a failed create is tried again (create.lua leaves a run
+        that exists alone) until the deadline, then TriggerIncomplete."""
+        loop = asyncio.get_running_loop()
+        pause = 0.05
+        while True:
+            try:
+                if creating.done():  # usually answered by now: no timer
+                    created = creating.result()
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        created = await creating
+                if runs[0].idempotency_key is None:
+                    return created
+                # A retried create whose first try was applied finds the idempotency key
+                # holding its own run id: that run is this one.
+                return [
+                    c if c.created or c.run_id != run.run_id else Created(c.run_id, True)
+                    for run, c in zip(runs, created, strict=True)
+                ]
+            except (RedisError, OSError) as exc:  # OSError includes the TimeoutError
+                if loop.time() + pause >= deadline:
+                    raise TriggerIncomplete(
+                        [run.run_id for run in runs],
+                        published,
+                        f"Redis did not answer the create within "
+                        f"{self.settings.publish_timeout}s: {exc!r}",
+                    ) from exc
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                creating = self.store.create(runs)
+
     async def _publish(
         self,
         runs: Sequence[NewRun],
         outgoing: list[Outgoing],
-        creating: asyncio.Future[list[Created]] | None = None,
+        creating: asyncio.Future[list[Created]] | None,
+        deadline: float,
     ) -> None:
+        """Publish; on failure raise TriggerIncomplete, first failing the runs that will not
+        start (abandon.lua leaves any that a worker started)."""
         try:
             await self.publisher.publish(outgoing)
         except PublishFailed as exc:
+            ids = [run.run_id for run in runs]
             if creating is not None:
-                await _settled(creating)  # marked FAILED after the create, not before it
-            await self.store.abandon(runs, f"not published: {exc}")
-            raise
+                # Answered first: the abandon must come after the create, not before it
+                # (given a moment even when the publish used up the budget).
+                wait_until = max(deadline, asyncio.get_running_loop().time() + 1.0)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout_at(wait_until):
+                        await creating
+            if exc.unknown:
+                raise TriggerIncomplete(ids, None, str(exc)) from exc
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.abandon(runs, f"not published: {exc}")
+            raise TriggerIncomplete(ids, False, str(exc)) from exc
 
     # -- reading and control ------------------------------------------------------------
 
@@ -299,12 +359,6 @@ class Client:
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(run_id, self, decode_any)
-
-
-async def _settled(future: asyncio.Future[Any]) -> None:
-    """Wait for a future without raising the error it may hold."""
-    with contextlib.suppress(Exception):
-        await future
 
 
 _active: ContextVar[Client | None] = ContextVar("conveyor_client", default=None)

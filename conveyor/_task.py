@@ -100,7 +100,7 @@ class Task(Generic[P, R]):
             raise InvalidArguments(self.id, str(exc)) from exc
         try:
             return msgspec.json.encode(bound.arguments)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             bad = [name for name, value in bound.arguments.items() if not _encodable(value)]
             where = f" (argument {', '.join(map(repr, bad))})" if bad else ""
             raise InvalidArguments(self.id, f"{exc}{where}") from exc
@@ -112,6 +112,8 @@ class Task(Generic[P, R]):
             raise InvalidArguments(self.id, str(exc)) from exc
         except msgspec.DecodeError as exc:
             raise InvalidArguments(self.id, f"payload is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # msgspec decodes nesting within the recursion limit
+            raise InvalidArguments(self.id, "payload is nested too deeply") from exc
         return {name: getattr(values, name) for name in values.__struct_fields__}
 
     def decode_result(self, raw: bytes) -> R:

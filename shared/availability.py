@@ -69,7 +69,7 @@ def is_broker_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, _AMQP_CONFIGURATION):
         return False
     if isinstance(exc, PublishFailed):
-        return exc.transient
+        return exc.unknown
     return isinstance(exc, _AMQP_TRANSIENT | aiormq.exceptions.ChannelClosed | ConnectionError)
 
 

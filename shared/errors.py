@@ -6,7 +6,9 @@ ConveyorError
 ├── TriggerError              a run could not be triggered
 │   ├── InvalidArguments      arguments do not match the task's signature
 │   ├── PayloadTooLarge       the encoded arguments exceed the payload limit
-│   └── PublishFailed         the broker did not accept the message
+│   ├── InvalidOption         a trigger option (delay, tags, idempotency_key) is out of bounds
+│   ├── PublishFailed         the broker did not accept the message
+│   └── TriggerIncomplete     the run was not both recorded and published in time
 ├── ServiceUnavailable        Redis or RabbitMQ stayed unavailable for as long as work may wait
 ├── RunLost                   this attempt no longer owns its run (taken over or ended)
 ├── RunNotFound               no run with that id (never existed or expired)
@@ -54,13 +56,49 @@ class PayloadTooLarge(TriggerError):
         self.limit = limit
 
 
-class PublishFailed(TriggerError):
-    """`transient`: the broker was unreachable or did not answer in time (the message may
-    go through on another try), as opposed to refusing or failing to route it."""
+class InvalidOption(TriggerError):
+    """A trigger option is out of its bounds (shared/bounds.py); `field` names it."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"invalid trigger option {field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+class PublishFailed(TriggerError):
+    """The broker did not take the message. `unknown`: it may have (its confirm did not
+    come in time, or the connection was lost after it was sent)."""
+
+    def __init__(self, message: str, *, unknown: bool = False) -> None:
         super().__init__(message)
-        self.transient = transient
+        self.unknown = unknown
+
+
+class TriggerIncomplete(TriggerError):
+    """`trigger` could not both record its runs in Redis and get their messages confirmed
+    within `publish_timeout`, so it returns no handle. `published` says whether the runs
+    may still start: True, the messages are in RabbitMQ and the runs will start (the
+    worker that takes a message records its run); False, they were not published and
+    will not start; None, the broker never confirmed them, so they may or may not."""
+
+    def __init__(self, run_ids: list[str], published: bool | None, detail: str) -> None:
+        runs = f"run {run_ids[0]}" if len(run_ids) == 1 else f"runs {', '.join(run_ids)}"
+        if published:
+            outcome = (
+                "published, but Redis did not record it; it will still start: the worker "
+                "that takes its message records it"
+            )
+        elif published is None:
+            outcome = (
+                "not confirmed by RabbitMQ, so it may or may not start; look it up by its id "
+                "later (it stays QUEUED until its message arrives or is republished)"
+            )
+        else:
+            outcome = "not published; it will not start"
+        super().__init__(f"{runs}: {outcome} ({detail})")
+        self.run_ids = run_ids
+        self.run_id = run_ids[0]
+        self.published = published
 
 
 class ServiceUnavailable(ConveyorError):

@@ -103,7 +103,17 @@ class RunStore:
             connect_timeout=settings.connect_timeout,
         )
         self.scripts = Scripts(
-            self.pipe, ["create", "claim", "checkpoint", "finish", "heartbeat", "cancel"]
+            self.pipe,
+            [
+                "create",
+                "claim",
+                "checkpoint",
+                "finish",
+                "heartbeat",
+                "cancel",
+                "abandon",
+                "release",
+            ],
         )
         # Set by a worker: claim, checkpoint and finish then wait there while Redis is
         # unavailable and are sent again (each is idempotent for its caller) instead of
@@ -203,18 +213,26 @@ class RunStore:
             args += (run.run_id, run.payload, idem)
         return await self.scripts.call("create", keys, args)
 
-    async def abandon(self, runs: Sequence[NewRun], error: str) -> None:
-        """Mark runs whose message never reached the broker FAILED and free their keys."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for run in runs:
-                pipe.hset(
-                    self.keys.run(run.run_id),
-                    mapping={"status": RunStatus.FAILED.value, "error": error},
+    async def abandon(self, runs: Sequence[NewRun], error: str) -> list[bool]:
+        """Mark runs whose message never reached the broker FAILED, if they never started
+        (abandon.lua), and free their idempotency keys; True for each run failed."""
+        run_ttl = self._run_ttl
+        done = await asyncio.gather(
+            *(
+                self.scripts.call("abandon", [self.keys.run(r.run_id)], [error, run_ttl])
+                for r in runs
+            )
+        )
+        await asyncio.gather(
+            *(
+                self.scripts.call(
+                    "release", [self.keys.idempotency(r.task_id, r.idempotency_key)], [r.run_id]
                 )
-                pipe.expire(self.keys.run(run.run_id), int(self.settings.run_ttl))
-                if run.idempotency_key:
-                    pipe.delete(self.keys.idempotency(run.task_id, run.idempotency_key))
-            await pipe.execute()
+                for r, failed in zip(runs, done, strict=True)
+                if failed and r.idempotency_key
+            )
+        )
+        return [bool(failed) for failed in done]
 
     # -- executing ----------------------------------------------------------------------
 

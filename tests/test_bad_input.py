@@ -10,22 +10,39 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aio_pika
 import msgspec
 import pytest
 
-from conveyor import Client, InvalidArguments, PayloadTooLarge, RunFailed, RunStatus, Settings
-from conveyor.broker.publisher import QUEUE_HEADER, REASON_HEADER
+from conveyor import (
+    Client,
+    InvalidArguments,
+    InvalidOption,
+    PayloadTooLarge,
+    RunFailed,
+    RunStatus,
+    Settings,
+    task,
+)
+from conveyor.broker.publisher import DROPPED_HEADER, QUEUE_HEADER, REASON_HEADER
 from conveyor.broker.topology import Names
+from conveyor.shared.bounds import MAX_IDEMPOTENCY_KEY_CHARS, MAX_TAG_CHARS, MAX_TAGS
 from conveyor.worker import Worker
 from tests import tasks
 
 WORKER_LIMIT = 4096  # the spawned worker's CONVEYOR_MAX_PAYLOAD_BYTES
 
 
-async def publish_raw(settings: Settings, routing_key: str, bodies: Iterable[bytes]) -> None:
+async def publish_raw(
+    settings: Settings,
+    routing_key: str,
+    bodies: Iterable[bytes],
+    headers: dict[str, Any] | None = None,
+) -> None:
     """Publish bodies to {ns}.runs as any AMQP client could, confirmed and mandatory."""
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
@@ -36,6 +53,7 @@ async def publish_raw(settings: Settings, routing_key: str, bodies: Iterable[byt
                 body,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=headers,
             )
             await exchange.publish(message, routing_key, mandatory=True)
 
@@ -64,6 +82,9 @@ def _body(**fields: Any) -> bytes:
     return msgspec.json.encode(fields)
 
 
+DEEP = b"[" * 10_000 + b"]" * 10_000
+
+
 # body -> what the x-conveyor-reason header must say
 BAD_BODIES: dict[bytes, str] = {
     b"this is not json": "invalid message body: JSON is malformed",
@@ -78,6 +99,28 @@ BAD_BODIES: dict[bytes, str] = {
         f"payload of {WORKER_LIMIT + 12} bytes is over the limit of {WORKER_LIMIT}"
     ),
     _body(task="echo", payload={"value": "x" * (WORKER_LIMIT + 70_000)}): "bytes is over the limit",
+    # Nested 10,000 deep: past the decoder's recursion limit, in the payload and elsewhere.
+    b'{"task":"echo","payload":{"value":' + DEEP + b"}}": "JSON is nested too deeply",
+    b'{"task":"echo","extra":' + DEEP + b"}": "JSON is nested too deeply",
+    _body(task="echo", payload={"value": "x"}, id="nb-far", not_before=10**15): (
+        "not_before 1000000000000000 is more than 366 days ahead"
+    ),
+    _body(task="echo", payload={"value": "x"}, id="nb-huge", not_before=10**30): "days ahead",
+    _body(task="echo", payload={"value": "x"}, id="nb-neg", not_before=-1): (
+        "not_before -1 is negative"
+    ),
+    _body(task="echo", payload={"value": "x"}, not_before=1.5): "at `$.not_before`",
+    _body(task="echo", payload={"value": "x"}, not_before="soon"): "at `$.not_before`",
+    _body(task="echo", payload={"value": "x"}, tags=["t"] * (MAX_TAGS + 1)): (
+        f"tags: at most {MAX_TAGS} tags, got {MAX_TAGS + 1}"
+    ),
+    _body(task="echo", payload={"value": "x"}, tags=["t" * (MAX_TAG_CHARS + 1)]): (
+        f"a tag is at most {MAX_TAG_CHARS} characters"
+    ),
+    _body(task="echo", payload={"value": "x"}, idempotency_key="k" * 1000): (
+        f"idempotency_key: must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters, got 1000"
+    ),
+    _body(task="bad task!", payload={}): "task id 'bad task!' is not valid",
 }
 
 
@@ -164,3 +207,93 @@ async def test_oversize_payload_is_refused_at_trigger(client: Client, settings: 
         with pytest.raises(PayloadTooLarge):
             await tasks.echo.batch_trigger([{"value": "a"}, {"value": "x" * 500}])
     assert [r.id for r in await client.list_runs()] == [accepted.id]
+
+
+ODD_HEADERS: dict[str, Any] = {
+    "x-delivery-count": "seven",  # RabbitMQ's header, of the wrong type
+    "x-conveyor-reason": 42,
+    "x-death": "not a list",
+    "nested": {
+        "a": [1, 2.5, None, True, {"b": bytearray(b"bytes")}],
+        "when": datetime(2020, 1, 1, tzinfo=UTC),
+    },
+    "decimal": Decimal("1.25"),
+    "empty": None,
+}
+
+
+async def test_odd_and_oversize_headers_do_not_break_handling(
+    client: Client, spawn_worker: Any
+) -> None:
+    proc = spawn_worker()
+    before = await tasks.echo.trigger("before")
+    assert await before.result(timeout=20) == "before"
+    # A dead letter's headers must fit in one frame (frame_max, 128 KiB here); the message
+    # itself may carry up to that, so its copy with conveyor's reason would not fit.
+    await client.connect()
+    assert client.publisher.channel is not None
+    frame = (await client.publisher.channel.get_underlay_channel()).max_content_size
+    big = {"padding": "p" * (frame - 200)}
+    await publish_raw(client.settings, "echo", [b"odd headers, not json"], ODD_HEADERS)
+    await publish_raw(client.settings, "echo", [b"big headers, not json"], big)
+    # An unknown task with a string delivery count is still put back, then dead-lettered.
+    await publish_raw(client.settings, "echo", [_body(task="nobody", payload={})], ODD_HEADERS)
+    ok = await client.trigger("echo", {"value": "ok"})
+    assert await ok.result(timeout=20) == "ok"
+
+    letters = {m.body: m for m in await dead_letters(client.settings, 3)}
+    odd = letters[b"odd headers, not json"].headers
+    assert "JSON is malformed" in odd[REASON_HEADER]
+    assert odd["nested"]["a"][:4] == [1, 2.5, None, True] and odd["decimal"] == Decimal("1.25")
+    assert "x-death" not in odd, "RabbitMQ's history is not copied"
+    large = letters[b"big headers, not json"].headers
+    assert "JSON is malformed" in large[REASON_HEADER] and large[QUEUE_HEADER] == "echo"
+    assert "padding" not in large
+    assert "1 headers dropped" in large[DROPPED_HEADER]
+    unknown = letters[_body(task="nobody", payload={})].headers
+    assert unknown[REASON_HEADER] == "unknown task 'nobody'"
+    assert unknown["nested"] == odd["nested"]  # (x-delivery-count is the dead queue's own)
+    assert proc.proc.poll() is None
+
+
+async def test_options_over_their_bounds_are_refused_at_trigger(client: Client) -> None:
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"tags": ["t"] * (MAX_TAGS + 1)}, "tags", f"at most {MAX_TAGS} tags"),
+        ({"tags": ["t" * (MAX_TAG_CHARS + 1)]}, "tags", f"at most {MAX_TAG_CHARS} characters"),
+        ({"idempotency_key": "k" * 257}, "idempotency_key", "must be 1 to 256 characters"),
+        ({"idempotency_key": ""}, "idempotency_key", "got 0"),
+        ({"delay": -1}, "delay", "must be 0 to"),
+        ({"delay": 400 * 86_400}, "delay", "got 34560000"),
+        ({"delay": float("inf")}, "delay", "got inf"),
+        ({"delay": float("nan")}, "delay", "got nan"),
+    ]
+    for options, field, detail in cases:
+        with pytest.raises(InvalidOption, match=detail) as refused:
+            await tasks.echo.options(**options).trigger("x")
+        assert refused.value.field == field
+        assert f"invalid trigger option {field}" in str(refused.value)
+        with pytest.raises(InvalidOption):
+            await client.trigger("echo", {"value": "x"}, **options)
+    # At the bounds: accepted.
+    edge = tasks.echo.options(
+        tags=["t" * MAX_TAG_CHARS] * MAX_TAGS, idempotency_key="k" * MAX_IDEMPOTENCY_KEY_CHARS
+    )
+    accepted = await edge.trigger("x")
+    assert (await accepted.get()).tags == ["t" * MAX_TAG_CHARS] * MAX_TAGS
+    assert [r.id for r in await client.list_runs()] == [accepted.id]
+
+
+@task(id="anything")
+async def anything(value: Any) -> Any:
+    return value
+
+
+def test_a_payload_nested_too_deeply_is_invalid_arguments() -> None:
+    deep = b'{"value":' + DEEP + b"}"
+    with pytest.raises(InvalidArguments, match="payload is nested too deeply"):
+        anything.decode_arguments(deep)
+    nested: Any = []
+    for _ in range(10_000):
+        nested = [nested]
+    with pytest.raises(InvalidArguments, match="argument 'value'"):
+        anything.encode_arguments((nested,), {})

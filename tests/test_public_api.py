@@ -14,6 +14,7 @@ PUBLIC = [
     "ConfigurationError",
     "ConveyorError",
     "InvalidArguments",
+    "InvalidOption",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
@@ -30,6 +31,7 @@ PUBLIC = [
     "Task",
     "TaskDefinitionError",
     "TriggerError",
+    "TriggerIncomplete",
     "current_run",
     "registered_tasks",
     "run_step",
@@ -83,7 +85,13 @@ def test_error_hierarchy() -> None:
         for name in PUBLIC
         if name.endswith("Error") or name in ("RunFailed", "RunNotFound", "PayloadTooLarge")
     )
-    for child in (c.InvalidArguments, c.PayloadTooLarge, c.PublishFailed):
+    for child in (
+        c.InvalidArguments,
+        c.InvalidOption,
+        c.PayloadTooLarge,
+        c.PublishFailed,
+        c.TriggerIncomplete,
+    ):
         assert issubclass(child, c.TriggerError)
     assert issubclass(c.StepResultNotSerializable, c.NonRetryableError)
     assert issubclass(c.ResultTimeout, TimeoutError)

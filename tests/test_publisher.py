@@ -4,13 +4,18 @@ of an event-loop turn: what reaches the queues, and which caller an error goes t
 from __future__ import annotations
 
 import asyncio
+from importlib import metadata
 
 import aio_pika
+import aiormq
 import pytest
 
-from conveyor import Client, PublishFailed, RunStatus, Settings
+from conveyor import Client, ConfigurationError, PublishFailed, RunStatus, Settings
+from conveyor.broker.internals import SUPPORTED, check_aiormq
 from conveyor.broker.publisher import Outgoing
+from conveyor.worker import Worker
 from tests import tasks
+from tests.conftest import ROOT
 
 
 async def _drain(settings: Settings, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
@@ -98,3 +103,33 @@ async def test_concurrent_triggers_of_several_kinds_share_a_turn(client: Client)
         ("echo", {"value": "c"}, [], RunStatus.DELAYED),
     ]
     assert handles[4].id == handles[5].id and runs[4].payload == {"value": "d"}
+
+
+async def test_the_aiormq_internals_are_checked_at_connect(client: Client) -> None:
+    await client.connect()
+    assert client.publisher.channel is not None
+    channel = await client.publisher.channel.get_underlay_channel()
+    check_aiormq(channel)  # the installed aiormq has what the publisher uses
+
+    class Moved(aiormq.Channel):
+        write_queue = None  # as if aiormq had renamed or retyped it
+
+    moved = Moved.__new__(Moved)
+    for name in ("confirmations", "message_id_delivery_tag", "delivery_tag", "number"):
+        setattr(moved, name, getattr(channel, name))
+    moved.max_content_size = channel.max_content_size
+    with pytest.raises(ConfigurationError) as refused:
+        check_aiormq(moved)
+    message = str(refused.value)
+    assert f"aiormq {metadata.version('aiormq')}" in message
+    assert f"aiormq{SUPPORTED}" in message and "Channel.write_queue" in message
+    # pyproject.toml pins the range the check names
+    assert f'"aiormq{SUPPORTED}"' in (ROOT / "pyproject.toml").read_text()
+
+
+async def test_the_worker_publishes_on_its_own_connection(worker: Worker) -> None:
+    assert worker.publisher.connection is not None
+    assert worker._connection is not None
+    assert worker.publisher.connection is not worker._connection
+    await worker.shutdown()
+    assert worker.publisher.connection.is_closed

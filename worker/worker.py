@@ -44,7 +44,6 @@ from conveyor.shared.context import RunContext, RunInfo
 from conveyor.shared.errors import ConfigurationError, ServiceUnavailable, describe
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
-from conveyor.shared.names import check_name
 from conveyor.shared.settings import Settings, redact
 from conveyor.shared.store import Created, NewRun, RunStore
 
@@ -52,6 +51,7 @@ from .admission import Admission
 from .delivery import Acks, Delivery
 from .execution import Execution, run_attempt
 from .supervision import Supervisor
+from .validation import Invalid, delivery_count, validate
 
 log = logging.getLogger("conveyor.worker")
 
@@ -130,6 +130,9 @@ class Worker:
             self.store, self.id, self._stopping, max_wait=self.settings.handover_after
         )
         self._connection: AbstractRobustConnection | None = None
+        # The publisher's own connection: RabbitMQ blocks a connection that publishes
+        # during a resource alarm, and a blocked socket would hold up acks and deliveries.
+        self._publishing: AbstractRobustConnection | None = None
         self._queues: list[AbstractQueue] = []
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._supervisor = Supervisor(self)
@@ -182,7 +185,7 @@ class Worker:
             except Exception as exc:
                 if not is_infrastructure_error(exc):
                     raise
-                await self._close_connection()
+                await self._close_connections()
                 pause = backoff.next()
                 log.warning(
                     "waiting for %s (%s); trying again in %.1fs", service, describe(exc), pause
@@ -194,22 +197,18 @@ class Worker:
         await self.store.pipe.execute("PING")
         await self._check_redis()
 
-    async def _close_connection(self) -> None:
-        self._consumers.clear()
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            try:
-                await connection.close()
-            except Exception as exc:  # it may not have opened completely
-                log.debug("closing a failed connection: %r", exc)
-
     async def _start_consuming(self) -> None:
+        self._publishing = await aio_pika.connect_robust(
+            self.settings.amqp_url,
+            client_properties={"connection_name": f"conveyor-worker-publisher:{self.id}"},
+            timeout=self.settings.connect_timeout,
+        )
+        await self.publisher.connect(self._publishing)
         self._connection = await aio_pika.connect_robust(
             self.settings.amqp_url,
             client_properties={"connection_name": f"conveyor-worker:{self.id}"},
             timeout=self.settings.connect_timeout,
         )
-        await self.publisher.connect(self._connection)
         channel: AbstractRobustChannel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.concurrency)
         # Strong references: the robust channel re-declares these queues after a reconnect.
@@ -253,11 +252,22 @@ class Worker:
         await self._supervisor.stop()
         # Closing the connection drops frames still queued: the last acks go out first.
         await self._acks.written(timeout=5)
-        await self._close_connection()
+        await self._close_connections()
         await self.redis_gate.aclose()
         await self.broker_gate.aclose()
         await self.store.close()
         await self.redis.aclose()
+
+    async def _close_connections(self) -> None:
+        self._consumers.clear()
+        connections = (self._connection, self._publishing)
+        self._connection = self._publishing = None
+        for connection in connections:
+            if connection is not None:
+                try:
+                    await connection.close()
+                except Exception as exc:  # it may not have opened completely
+                    log.debug("closing a connection: %r", exc)
 
     # -- messages -----------------------------------------------------------------------
 
@@ -321,40 +331,21 @@ class Worker:
         return True
 
     async def _handle(self, queue: str, message: Delivery) -> None:
-        body = message.body
-        limit = self.settings.max_payload_bytes
-        if len(body) > limit + 64 * 1024:
-            await self._dead_letter(
-                message, queue, f"message of {len(body)} bytes is over the limit"
-            )
+        now_ms = int(time.time() * 1000)
+        checked = validate(
+            message.body, message.message_id, self.settings.max_payload_bytes, now_ms
+        )
+        if isinstance(checked, Invalid):
+            await self._dead_letter(message, queue, checked.reason)
             return
-        try:
-            msg = _decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            await self._dead_letter(message, queue, f"invalid message body: {exc}")
-            return
-        payload = bytes(msg.payload)
-        if not payload.lstrip().startswith(b"{"):
-            await self._dead_letter(
-                message, queue, "invalid message body: payload must be a JSON object"
-            )
-            return
-        if len(payload) > limit:
-            await self._dead_letter(
-                message, queue, f"payload of {len(payload)} bytes is over the limit of {limit}"
-            )
-            return
+        msg, payload = checked.msg, checked.payload
         task = self.tasks.get(msg.task)
         if task is None:
-            deliveries = (message.headers or {}).get("x-delivery-count")
-            deliveries = deliveries if isinstance(deliveries, int) else 0
-            if deliveries + 1 >= UNKNOWN_TASK_DELIVERIES:
+            if delivery_count(message.headers) + 1 >= UNKNOWN_TASK_DELIVERIES:
                 await self._dead_letter(message, queue, f"unknown task {msg.task!r}")
             else:
                 await message.nack(requeue=True)
             return
-        if msg.id is None:
-            msg.id = message.message_id
         if msg.id is None:
             # Give the run an id its redeliveries keep: otherwise a redelivery after a crash
             # would start a second run and leave the first one EXECUTING for ever.
@@ -362,13 +353,8 @@ class Worker:
             await self._publish(Outgoing(queue, _encoder.encode(msg), message_id=msg.id))
             message.ack()
             return
-        try:
-            check_name("run id", msg.id)  # it becomes part of Redis keys
-        except ConfigurationError as exc:
-            await self._dead_letter(message, queue, f"invalid message body: {exc}")
-            return
         if msg.not_before is not None:
-            early = msg.not_before - int(time.time() * 1000)
+            early = msg.not_before - now_ms
             if early > DEFER_MARGIN_MS:
                 await self._defer(message, msg, queue, early)
                 return
@@ -509,11 +495,8 @@ class Worker:
         run_id: str | None = None,
     ) -> None:
         log.warning("dead-lettering a message from queue %r: %s", queue, reason)
-        headers = dict(message.headers or {})
-        if run_id:
-            headers["x-conveyor-run-id"] = run_id
         await self.broker_gate.call(
-            lambda: self.publisher.dead_letter(message.body, queue, reason, headers)
+            lambda: self.publisher.dead_letter(message.body, queue, reason, message.headers, run_id)
         )
         message.ack()
 
