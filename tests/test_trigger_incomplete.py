@@ -8,7 +8,6 @@ port; RabbitMQ is the shared one.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -21,14 +20,12 @@ from conveyor.shared.store import NewRun
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import cleanup
-from tests.test_redis_pipe import OwnRedis, _free_port
+from tests.servers import OwnRedis
 
 
 @pytest.fixture
 def own_redis() -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.fail("this test starts its own redis-server: install Redis (redis-server)")
-    server = OwnRedis(_free_port())
+    server = OwnRedis(password="s3cret")
     server.start()
     yield server
     server.stop()
@@ -40,7 +37,7 @@ async def own_settings(settings: Settings, own_redis: OwnRedis) -> AsyncIterator
     trigger budget."""
     yield msgspec.structs.replace(
         settings,
-        redis_url=f"redis://:s3cret@127.0.0.1:{own_redis.port}/0",
+        redis_url=own_redis.url,
         publish_timeout=2.0,
     )
     await cleanup(settings)  # the namespace's queues (its Redis goes with the server)
