@@ -25,17 +25,23 @@ def free_port() -> int:
 
 
 class OwnRedis:
-    """A redis-server of the test's own. With `data_dir` it keeps an AOF written on every
-    command (appendfsync always), so a SIGKILL loses nothing and a restart loads it back."""
+    """A redis-server of the test's own. With `data_dir` it keeps an AOF, by default
+    fsynced on every command (appendfsync always), and a restart loads it back."""
 
     def __init__(
-        self, port: int | None = None, *, password: str | None = None, data_dir: Path | None = None
+        self,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        data_dir: Path | None = None,
+        appendfsync: str = "always",
     ) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail("this test starts its own redis-server: install Redis (redis-server)")
         self.port = port or free_port()
         self.password = password
         self.data_dir = data_dir
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,7 +52,8 @@ class OwnRedis:
     def start(self) -> None:
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
         if self.data_dir is not None:
-            args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+            args += ["--dir", str(self.data_dir)]
         else:
             args += ["--appendonly", "no"]
         if self.password:
