@@ -23,6 +23,7 @@ from conveyor import Client, Settings
 from conveyor.broker.purge import purge_namespace
 from conveyor.shared.keys import Keys
 from conveyor.worker import Worker
+from tests.servers import OwnRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,15 @@ def services() -> Iterator[Services]:
         "Docker engine so testcontainers can start them. `./dev test` starts local servers.",
         returncode=3,
     )
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    """A redis-server of the test's own (password s3cret), to stop and start at will."""
+    server = OwnRedis(password="s3cret")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -132,14 +142,14 @@ async def worker(settings: Settings, client: Client) -> AsyncIterator[Worker]:
     await w.shutdown()
 
 
-class WorkerProcess:
-    """A real `conveyor worker` process for fault tests (killed with SIGKILL). With
-    `log`, its output (the worker's log) goes to that file."""
+class ConveyorProcess:
+    """A real `conveyor` command (worker, scheduler) for fault tests, killed with SIGKILL,
+    configured from `settings` and `env`. With `log`, its output goes to that file."""
 
     def __init__(
         self,
+        command: list[str],
         settings: Settings,
-        *extra: str,
         env: dict[str, str] | None = None,
         log: Path | None = None,
     ) -> None:
@@ -150,14 +160,16 @@ class WorkerProcess:
             CONVEYOR_NAMESPACE=settings.namespace,
             CONVEYOR_LEASE_TTL=str(settings.lease_ttl),
             CONVEYOR_SHUTDOWN_GRACE=str(settings.shutdown_grace),
+            CONVEYOR_RUN_TTL=str(settings.run_ttl),
+            CONVEYOR_DELIVERY_LIMIT=str(settings.delivery_limit),
             PYTHONPATH=str(ROOT),
         )
         full_env.update(env or {})
-        self.log = log
+        self.log_path = log
         output = open(log, "wb") if log is not None else None  # noqa: SIM115 (the child's)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "worker", "tests.tasks", *extra],
+                [sys.executable, "-m", "conveyor", *command],
                 env=full_env,
                 cwd=str(ROOT),
                 stdout=output,
@@ -168,7 +180,7 @@ class WorkerProcess:
                 output.close()
 
     def output(self) -> str:
-        return self.log.read_text() if self.log is not None else ""
+        return self.log_path.read_text() if self.log_path is not None else ""
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the process has used so far, from /proc."""
@@ -181,6 +193,19 @@ class WorkerProcess:
 
     def wait(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)
+
+
+class WorkerProcess(ConveyorProcess):
+    """`conveyor worker tests.tasks [extra...]`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        super().__init__(["worker", "tests.tasks", *extra], settings, env, log)
 
 
 @pytest.fixture
@@ -200,38 +225,11 @@ def spawn_worker(settings: Settings, client: Client) -> Iterator[Any]:
         p.wait()
 
 
-class SchedulerProcess:
-    """A real `conveyor scheduler` process; its log goes to `log_path` for the tests to read."""
+class SchedulerProcess(ConveyorProcess):
+    """`conveyor scheduler tests.tasks`, its log in `log_path` for the tests to read."""
 
     def __init__(self, settings: Settings, log_path: Path, env: dict[str, str]) -> None:
-        full_env = dict(os.environ)
-        full_env.update(
-            CONVEYOR_AMQP_URL=settings.amqp_url,
-            CONVEYOR_REDIS_URL=settings.redis_url,
-            CONVEYOR_NAMESPACE=settings.namespace,
-            CONVEYOR_RUN_TTL=str(settings.run_ttl),
-            CONVEYOR_DELIVERY_LIMIT=str(settings.delivery_limit),
-            PYTHONPATH=str(ROOT),
-        )
-        full_env.update(env)
-        self.log_path = log_path
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "scheduler", "tests.tasks"],
-                env=full_env,
-                cwd=str(ROOT),
-                stderr=log,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def kill(self, sig: int = 9) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout)
+        super().__init__(["scheduler", "tests.tasks"], settings, env, log_path)
 
 
 # Small enough that the scheduler tests see a takeover and a reap within seconds.

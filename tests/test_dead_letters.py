@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import aio_pika
+import msgspec
 import pytest
 
 from conveyor import Client, RunStatus, Settings
 from conveyor.broker.topology import Names
 from conveyor.worker import Worker
 from tests import tasks
-from tests.conftest import Services, eventually
+from tests.conftest import eventually
 from tests.test_cli import conveyor
 
 DELIVERY_LIMIT = 2
@@ -21,16 +22,9 @@ CLI_ENV = {"CONVEYOR_DELIVERY_LIMIT": str(DELIVERY_LIMIT)}
 
 
 @pytest.fixture
-def settings(services: Services, namespace: str) -> Settings:
+def settings(settings: Settings) -> Settings:
     # A low delivery limit, so that RabbitMQ dead-letters a message after a few rejects.
-    return Settings(
-        amqp_url=services.amqp_url,
-        redis_url=services.redis_url,
-        namespace=namespace,
-        lease_ttl=2.0,
-        shutdown_grace=5.0,
-        delivery_limit=DELIVERY_LIMIT,
-    )
+    return msgspec.structs.replace(settings, delivery_limit=DELIVERY_LIMIT)
 
 
 async def reject_until_dead_lettered(settings: Settings, queue: str) -> None:

@@ -4,7 +4,6 @@ real redis-server of the test's own, which it restarts and whose script cache it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,14 +15,6 @@ from conveyor.shared.pipe import RedisPipe
 from conveyor.shared.scripts import Scripts
 from conveyor.shared.store import NewRun, RunStore
 from tests.servers import OwnRedis, free_port
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis(password="s3cret")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_auth_select_pipelining_and_error_replies(own_redis: OwnRedis) -> None:

@@ -132,16 +132,16 @@ async def test_a_paused_leader_writes_nothing_when_it_resumes(
         # More runs stranded just before it wakes up, so that it finds work it must not do.
         late = stranded(10)
         await client.store.create(late)
-        resumed_at = len(paused.log())
+        resumed_at = len(paused.output())
     finally:
         paused.kill(signal.SIGCONT)
 
     async def noticed() -> bool:
-        return "lost the leader lease" in paused.log()[resumed_at:]
+        return "lost the leader lease" in paused.output()[resumed_at:]
 
     await eventually(noticed, timeout=10)
     await completed_once(client, settings, [r.run_id for r in late])
-    after = paused.log()[resumed_at:]
+    after = paused.output()[resumed_at:]
     assert "republished" not in after and "leads" not in after, after
     assert (await leader(settings))[0] == new_epoch
 

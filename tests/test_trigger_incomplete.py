@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aio_pika
 import msgspec
@@ -21,14 +21,6 @@ from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import cleanup
 from tests.servers import OwnRedis
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis(password="s3cret")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
