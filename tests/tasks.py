@@ -282,3 +282,17 @@ async def jittery(succeed_on: int) -> int:
 
 
 ALL += [whoami, step_retry, sync_step, always_fails, ladder, jittery]
+
+
+# Fails its first attempt; the retry waits 3.2 s in one level of the delay ladder (32
+# units of 100 ms, level 5), whose next hop is the work queue: a broker restart in those
+# 3.2 s catches it on the last hop.
+@task(id="late-retry", retry=Retry(max_attempts=2, min_delay=3.2, jitter=False))
+async def late_retry(n: int) -> int:
+    await record("late-retry")
+    if current_run().attempt < 2:
+        raise RuntimeError(f"attempt {current_run().attempt} fails")
+    return n
+
+
+ALL += [late_retry]
