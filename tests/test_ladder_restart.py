@@ -106,4 +106,3 @@ async def test_retries_due_while_the_broker_is_down_all_complete_once(
         assert await trace(settings, handle.id) == ["late-retry@1", "late-retry@2"]
     assert await drained(settings, [tasks.late_retry.queue])
     await _nothing_dead(settings)
-
