@@ -22,7 +22,6 @@ class Names:
         self.namespace = namespace
         self.runs = f"{namespace}.runs"
         self.delay_deliver = f"{namespace}.delay.deliver"
-        self.delay_entry = self.delay_level(LEVELS - 1)
         self.dead = f"{namespace}.dead"
 
     def queue(self, queue: str) -> str:
