@@ -13,7 +13,7 @@ from __future__ import annotations
 
 UNIT_MS = 100
 LEVELS = 24  # UNIT_MS * 2**LEVELS is about 19 days; longer delays go round again.
-MAX_UNITS = 2**LEVELS - 1
+MAX_UNITS: int = 2**LEVELS - 1  # typed: int ** int is Any to mypy
 
 
 def _units(delay_ms: int) -> int:

@@ -117,13 +117,14 @@ class Topology:
         for level in range(LEVELS):
             await channel.queue_delete(n.delay_level(level))
             await channel.exchange_delete(n.delay_level(level))
-        # A namespace upgraded from the classic ladder may still hold it (deleting what
-        # does not exist is a no-op).
-        for level in range(LEVELS):
-            await channel.queue_delete(n.classic_delay_level(level))
-            await channel.exchange_delete(n.classic_delay_level(level))
         await channel.queue_delete(n.dead)
         for exchange in (n.runs, n.delay_deliver, n.dead):
             await channel.exchange_delete(exchange)
         self._base_done = False
         self.declared_queues.clear()
+
+    async def delete_classic_ladder(self, channel: AbstractChannel) -> None:
+        """Remove the classic ladder a namespace upgraded from it may still hold."""
+        for level in range(LEVELS):
+            await channel.queue_delete(self.names.classic_delay_level(level))
+            await channel.exchange_delete(self.names.classic_delay_level(level))
