@@ -2,7 +2,7 @@
 
 import sys
 
-USAGE = "usage: python -m benchmarks compare|throughput|ladder [options]  (--help after either)"
+USAGE = "usage: python -m benchmarks compare|throughput|ladder [options]  (--help after any)"
 
 
 def main() -> int:
