@@ -4,6 +4,8 @@ by side in one run (issue 7, item 5; the figures are in docs/architecture.md).
 For each kind, in a namespace of its own, in turn:
 - declare: the base topology declared in a fresh namespace (what every test pays), then
   declared again (what each later client or worker pays), and deleted;
+- idle: one message at a time with a 0.5 s (2 hops) or 1.5 s (4 hops) delay: how late
+  it arrives;
 - raw: MESSAGES persistent messages published with confirms (500 in flight) into the
   ladder with one delay and consumed from a queue bound to the delivery exchange:
   messages per second beyond the delay, and how late they arrive (p50 / p99);
@@ -103,6 +105,15 @@ async def measure_declare(settings: Settings) -> dict[str, float]:
     return {"declare ms": first * 1000, "again ms": again * 1000, "delete ms": deleted * 1000}
 
 
+async def measure_idle(settings: Settings) -> dict[str, float]:
+    """One message at a time on an otherwise idle ladder: how late it arrives."""
+    late: dict[float, list[float]] = {0.5: [], 1.5: []}
+    for _ in range(3):
+        for delay, seen in late.items():
+            seen.append((await measure_raw(settings, 1, delay))["late p50 ms"])
+    return {f"{delay} s late ms": statistics.median(seen) for delay, seen in late.items()}
+
+
 async def measure_raw(settings: Settings, messages: int, delay: float) -> dict[str, float]:
     names = topology.Names(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
@@ -183,6 +194,7 @@ async def run(args: argparse.Namespace) -> int:
             with ladder_of(kind):
                 for name, measure in (
                     ("declare", lambda s: measure_declare(s)),
+                    ("idle", measure_idle),
                     ("raw", lambda s: measure_raw(s, args.messages, 0.5)),
                     ("delayed runs", lambda s: measure_runs(s, args.runs, delayed)),
                     ("retries", lambda s: measure_runs(s, args.runs, retried)),

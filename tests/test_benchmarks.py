@@ -139,6 +139,6 @@ def test_the_ladder_benchmark_runs_both_kinds(services: Services) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     medians = done.stdout.split("medians of 1 repeats", 1)[1]
-    for name in ("declare", "raw", "delayed runs", "retries"):
+    for name in ("declare", "idle", "raw", "delayed runs", "retries"):
         for kind in ("classic", "quorum"):
             assert f"{name:13} {kind:8}" in medians
