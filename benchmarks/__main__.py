@@ -2,7 +2,7 @@
 
 import sys
 
-USAGE = "usage: python -m benchmarks compare|throughput [options]  (--help after either)"
+USAGE = "usage: python -m benchmarks compare|throughput|ladder [options]  (--help after any)"
 
 
 def main() -> int:
@@ -11,6 +11,10 @@ def main() -> int:
         from benchmarks.compare.cli import main as compare
 
         return compare(rest)
+    if command == "ladder":
+        from benchmarks.ladder import main as ladder
+
+        return ladder(rest)
     if command == "throughput":
         from benchmarks.throughput import main as throughput
 

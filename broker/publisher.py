@@ -37,7 +37,7 @@ from pamqp.encode import field_table
 from conveyor.shared.errors import PublishFailed
 from conveyor.shared.settings import Settings, redact
 
-from .delay import delay_routing_key
+from .delay import delay_routing_key, entry_level
 from .internals import check_aiormq
 from .topology import Topology
 
@@ -269,7 +269,7 @@ class Publisher:
         for m in messages:
             if m.delay_ms > 0:
                 exchange, routing_key = (
-                    self.names.delay_entry,
+                    self.names.delay_level(entry_level(m.delay_ms)),
                     delay_routing_key(m.delay_ms, m.queue),
                 )
             else:

@@ -12,16 +12,19 @@ from typing import Any
 
 import aio_pika
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from conveyor.shared.keys import Keys
 from conveyor.shared.settings import Settings
 
-from .topology import Topology
+from .topology import Names, Topology
 
 
 async def purge_namespace(settings: Settings, queues: Iterable[str] = ()) -> None:
-    """Delete the namespace's exchanges, delay ladder, dead-letter queue, the given work
-    queues and those its runs name, then every Redis key of the namespace."""
+    """Delete the namespace's exchanges, delay ladder (and the classic ladder of earlier
+    versions, if it is there), dead-letter queue, the given work queues and those its
+    runs name, then every Redis key of the namespace."""
     keys = Keys(settings.namespace)
     r = aioredis.Redis.from_url(settings.redis_url)
     try:
@@ -29,12 +32,27 @@ async def purge_namespace(settings: Settings, queues: Iterable[str] = ()) -> Non
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
             channel = await connection.channel()
-            await Topology(settings).delete(channel, sorted(names))
+            topology = Topology(settings)
+            await topology.delete(channel, sorted(names))
+            if await _has_classic_ladder(connection, topology.names):
+                await topology.delete_classic_ladder(channel)
         doomed = [k async for k in r.scan_iter(match=keys.pattern(), count=1000)]
         for start in range(0, len(doomed), 1000):
             await r.delete(*doomed[start : start + 1000])
     finally:
         await r.aclose()
+
+
+async def _has_classic_ladder(connection: AbstractConnection, names: Names) -> bool:
+    # Looked up first: deleting the 48 names one by one costs more than this look-up,
+    # and only namespaces upgraded from the classic ladder have them.
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(names.classic_delay_level(0), passive=True)
+    except ChannelNotFoundEntity:
+        return False  # the broker closed the probe channel
+    await probe.close()
+    return True
 
 
 async def _queues_of_runs(r: aioredis.Redis, keys: Keys) -> set[str]:

@@ -2,7 +2,7 @@
 
 {ns}.runs               direct exchange; routing key = queue name
 {ns}.q.{queue}          quorum work queue, bound to {ns}.runs and {ns}.delay.deliver
-{ns}.delay.{L}          topic exchange + classic queue with TTL UNIT_MS*2**L (the ladder)
+{ns}.ladder.{L}         topic exchange + quorum queue with TTL UNIT_MS*2**L (the ladder)
 {ns}.delay.deliver      topic exchange ending the ladder, routes to work queues
 {ns}.dead               fanout exchange + queue for messages that cannot be processed
 """
@@ -22,13 +22,17 @@ class Names:
         self.namespace = namespace
         self.runs = f"{namespace}.runs"
         self.delay_deliver = f"{namespace}.delay.deliver"
-        self.delay_entry = self.delay_level(LEVELS - 1)
         self.dead = f"{namespace}.dead"
 
     def queue(self, queue: str) -> str:
         return f"{self.namespace}.q.{queue}"
 
     def delay_level(self, level: int) -> str:
+        return f"{self.namespace}.ladder.{level}"
+
+    def classic_delay_level(self, level: int) -> str:
+        """A level of the classic ladder that earlier versions declared (see the migration
+        in docs/architecture.md): still wired, so what waits there arrives, but unused."""
         return f"{self.namespace}.delay.{level}"
 
 
@@ -37,6 +41,20 @@ def work_queue_arguments(settings: Settings) -> dict[str, aio_pika.abc.FieldValu
         "x-queue-type": "quorum",
         "x-delivery-limit": settings.delivery_limit,
         "x-dead-letter-exchange": Names(settings.namespace).dead,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def ladder_queue_arguments(names: Names, level: int) -> dict[str, aio_pika.abc.FieldValue]:
+    """A ladder level: a quorum queue whose expired messages are dead-lettered one level
+    down at least once (RabbitMQ retries until the queues below have confirmed them, even
+    while their leaders are still being elected after a restart; at-least-once needs
+    reject-publish). The routing key is kept through every hop."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": UNIT_MS * 2**level,
+        "x-dead-letter-exchange": names.delay_level(level - 1) if level else names.delay_deliver,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
@@ -71,12 +89,7 @@ class Topology:
                 name, aio_pika.ExchangeType.TOPIC, durable=True
             )
             queue = await channel.declare_queue(
-                name,
-                durable=True,
-                arguments={
-                    "x-message-ttl": UNIT_MS * 2**level,
-                    "x-dead-letter-exchange": below.name,
-                },
+                name, durable=True, arguments=ladder_queue_arguments(n, level)
             )
             to_queue, onwards = level_bindings(level)
             await queue.bind(exchange, to_queue)
@@ -109,3 +122,9 @@ class Topology:
             await channel.exchange_delete(exchange)
         self._base_done = False
         self.declared_queues.clear()
+
+    async def delete_classic_ladder(self, channel: AbstractChannel) -> None:
+        """Remove the classic ladder a namespace upgraded from it may still hold."""
+        for level in range(LEVELS):
+            await channel.queue_delete(self.names.classic_delay_level(level))
+            await channel.exchange_delete(self.names.classic_delay_level(level))

@@ -289,3 +289,17 @@ async def nap(seconds: float) -> str:
     """Touches nothing but the clock: it runs through a Redis outage unharmed."""
     await asyncio.sleep(seconds)
     return "rested"
+
+
+# Fails its first attempt; the retry waits 3.2 s in one level of the delay ladder (32
+# units of 100 ms, level 5), whose next hop is the work queue: a broker restart in those
+# 3.2 s catches it on the last hop.
+@task(id="late-retry", retry=Retry(max_attempts=2, min_delay=3.2, jitter=False))
+async def late_retry(n: int) -> int:
+    await record("late-retry")
+    if current_run().attempt < 2:
+        raise RuntimeError(f"attempt {current_run().attempt} fails")
+    return n
+
+
+ALL += [nap, late_retry]

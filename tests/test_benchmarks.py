@@ -118,3 +118,27 @@ def test_the_committed_results_are_quoted_in_the_readme() -> None:
     for line in quoted:
         ratio = line.rstrip(" |").rsplit("|", 1)[1].strip()
         assert ratio in text, f"README quotes {ratio}, which benchmarks/results/latest.md lacks"
+
+
+LADDER_SMOKE = ["--messages", "200", "--runs", "50", "--repeats", "1"]
+
+
+def test_the_ladder_benchmark_runs_both_kinds(services: Services) -> None:
+    env = {
+        **os.environ,
+        "CONVEYOR_AMQP_URL": services.amqp_url,
+        "CONVEYOR_REDIS_URL": services.redis_url,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "ladder", *LADDER_SMOKE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    medians = done.stdout.split("medians of 1 repeats", 1)[1]
+    for name in ("declare", "idle", "raw", "delayed runs", "retries"):
+        for kind in ("classic", "quorum"):
+            assert f"{name:13} {kind:8}" in medians

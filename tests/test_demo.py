@@ -66,7 +66,7 @@ async def assert_namespace_gone(services: Services, namespace: str) -> None:
     assert left == [], f"the demo left Redis keys behind: {left[:5]}"
     connection = await aio_pika.connect(services.amqp_url)
     async with connection:
-        for name in (f"{namespace}.q.process-video", f"{namespace}.delay.0", f"{namespace}.dead"):
+        for name in (f"{namespace}.q.process-video", f"{namespace}.ladder.0", f"{namespace}.dead"):
             channel = await connection.channel()
             try:
                 await channel.declare_queue(name, passive=True)

@@ -163,7 +163,7 @@ async def test_everything_carries_the_namespace_and_cleanup_removes_it(settings:
     assert f"{ns}:idem:echo:k1" in ours
     assert any(k in keys for k in traces), "the test tasks' traces were written"
 
-    assert broker["queues"] >= {f"{ns}.q.echo", f"{ns}.dead", f"{ns}.delay.0"}
+    assert broker["queues"] >= {f"{ns}.q.echo", f"{ns}.dead", f"{ns}.ladder.0"}
     assert broker["exchanges"] >= {f"{ns}.runs", f"{ns}.delay.deliver", f"{ns}.dead"}
     for source, destination, routing_key in broker["bindings"]:
         # Everything wired to the namespace is the namespace's (or the default exchange).

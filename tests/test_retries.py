@@ -19,6 +19,7 @@ from conveyor.broker.delay import (
     UNIT_MS,
     delay_routing_key,
     delivery_binding,
+    entry_level,
     level_bindings,
 )
 from conveyor.broker.topology import Names
@@ -110,6 +111,8 @@ def test_delay_routing_key_bits(delay_ms: int, units: int) -> None:
     assert sum(UNIT_MS * 2**level for level in waits) == units * UNIT_MS
     # One hop per set bit, longest first.
     assert len(waits) == bin(units).count("1") and waits == sorted(waits, reverse=True)
+    # Published to the first level it waits in: the levels above would only pass it on.
+    assert entry_level(delay_ms) == waits[0]
 
 
 def test_delay_routing_key_keeps_dotted_queue_names() -> None:
