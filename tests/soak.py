@@ -310,10 +310,15 @@ class Soak:
                 await ledger.aclose()
 
     async def _cleanup(self) -> None:
+        from conveyor import registered_tasks
         from conveyor.broker.purge import purge_namespace
+        from tests import tasks as _  # noqa: F401  (registers the tasks the workers ran)
 
         try:
-            await purge_namespace(self.settings, [soak.queue])
+            # Every queue the workers declared: they run tests.tasks' tasks too.
+            await purge_namespace(
+                self.settings, sorted({t.queue for t in registered_tasks().values()})
+            )
         except Exception as exc:
             print(f"could not purge the soak's namespace: {exc!r}", file=sys.stderr)
         ledger = aioredis.Redis.from_url(self.ledger_url)
