@@ -49,8 +49,11 @@ _AMQP_TRANSIENT = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.ConnectionClosed,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
 )
 _AMQP_CONFIGURATION = (
+    aiormq.exceptions.AuthenticationError,
     aiormq.exceptions.ChannelPreconditionFailed,
     aiormq.exceptions.ChannelAccessRefused,
     aiormq.exceptions.ChannelNotFoundEntity,
@@ -66,15 +69,12 @@ def is_redis_unavailable(exc: BaseException) -> bool:
 
 
 def is_broker_unavailable(exc: BaseException) -> bool:
+    # aiormq's errors are ConnectionErrors, refused declarations and logins included.
     if isinstance(exc, _AMQP_CONFIGURATION):
         return False
     if isinstance(exc, PublishFailed):
         return exc.unknown
-    return isinstance(exc, _AMQP_TRANSIENT | aiormq.exceptions.ChannelClosed | ConnectionError)
-
-
-def is_infrastructure_error(exc: BaseException) -> bool:
-    return is_redis_unavailable(exc) or is_broker_unavailable(exc)
+    return isinstance(exc, _AMQP_TRANSIENT)
 
 
 class Backoff:

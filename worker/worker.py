@@ -37,7 +37,6 @@ from conveyor.shared.availability import (
     Backoff,
     Gate,
     is_broker_unavailable,
-    is_infrastructure_error,
     is_redis_unavailable,
 )
 from conveyor.shared.context import RunContext, RunInfo
@@ -165,8 +164,14 @@ class Worker:
     async def start(self) -> None:
         """Connect to Redis and RabbitMQ and start consuming. A service that is down or
         restarting is waited for (with backoff, saying what is awaited) until stop()."""
-        await self._until_up(f"Redis at {redact(self.settings.redis_url)}", self._connect_redis)
-        await self._until_up(f"RabbitMQ at {redact(self.settings.amqp_url)}", self._start_consuming)
+        await self._until_up(
+            f"Redis at {redact(self.settings.redis_url)}", self._connect_redis, is_redis_unavailable
+        )
+        await self._until_up(
+            f"RabbitMQ at {redact(self.settings.amqp_url)}",
+            self._start_consuming,
+            is_broker_unavailable,
+        )
         self._supervisor.start()
         log.info(
             "worker %s consuming %s in namespace %r (concurrency %d)",
@@ -176,14 +181,21 @@ class Worker:
             self.concurrency,
         )
 
-    async def _until_up(self, service: str, connect: Callable[[], Awaitable[None]]) -> None:
+    async def _until_up(
+        self,
+        service: str,
+        connect: Callable[[], Awaitable[None]],
+        unavailable: Callable[[BaseException], bool],
+    ) -> None:
+        """Run `connect` until it succeeds; an error other than `service` being unavailable
+        (a wrong password, queue arguments that do not match) is raised at once."""
         backoff = Backoff(first=0.2, cap=5.0)
         while True:
             try:
                 await connect()
                 return
             except Exception as exc:
-                if not is_infrastructure_error(exc):
+                if not unavailable(exc):
                     raise
                 await self._close_connections()
                 pause = backoff.next()
