@@ -171,9 +171,7 @@ async def test_cancel_an_executing_run(client: Client, worker: Worker, r: aiored
     await eventually(lambda: _not_inflight(worker, handle.id), timeout=5)
     run = await client.get_run(handle.id)
     assert run.status is RunStatus.CANCELED
-    attempt = run.attempts[0]
-    assert attempt.finished_at is not None
-    assert (attempt.finished_at - attempt.started_at).total_seconds() < 5
+    assert run.attempts[0].finished_at is not None
     # The coroutine was cancelled inside its sleep: it never reached its end.
     assert await trace(r, handle.id) == ["sleeper:start@1"]
 
@@ -208,7 +206,9 @@ async def test_max_duration_times_out_the_attempt(client: Client, worker: Worker
     [attempt] = run.attempts
     assert attempt.status == "TIMED_OUT"
     assert attempt.finished_at is not None
-    assert 0.5 <= (attempt.finished_at - attempt.started_at).total_seconds() < 2.5
+    # Not before max_duration, and cut short: the task would have slept 5 s (a bound a
+    # loaded machine does not reach, unlike one close to 0.5 s).
+    assert 0.5 <= (attempt.finished_at - attempt.started_at).total_seconds() < 5
     await eventually(lambda: _not_inflight(worker, handle.id), timeout=5)
 
 
