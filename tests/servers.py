@@ -1,5 +1,6 @@
 """Servers a test runs itself, on free loopback ports: a redis-server to kill, stop or pause,
-and a TCP proxy to put between a client and a server and cut at a chosen moment."""
+a RabbitMQ node to crash, and a TCP proxy to put between a client and a server and cut at
+a chosen moment."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +87,142 @@ class OwnRedis:
     def resume(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _rabbitmq_scripts() -> Path:
+    """The directory of RabbitMQ's own rabbitmq-server and rabbitmqctl scripts. Debian's
+    /usr/sbin ones are a wrapper that, run as root, switches to the rabbitmq user (who
+    could not write the test's files) and drops the node's environment into its log."""
+    found = shutil.which("rabbitmq-server")
+    if found is None:
+        pytest.fail("this test starts its own RabbitMQ node: install RabbitMQ (rabbitmq-server)")
+    # Either resolves into that directory (the wrapper lives beside links to the scripts).
+    return Path(found).resolve().parent
+
+
+class OwnRabbitMQ:
+    """A RabbitMQ node of the test's own, never the shared one: its own node name, loopback
+    ports, configuration, cookie and data directory, which kill() and start() keep (a crash
+    and a restart on the same disk) and close() removes. No plugins (the management
+    plugin's port would clash with the shared node's)."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="conveyor-rabbit-"))
+        self.node = f"conveyor-crash-{self.base.name.rsplit('-', 1)[1]}@localhost"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.scripts = _rabbitmq_scripts()
+        self.proc: subprocess.Popen[bytes] | None = None
+        # The seconds the last start() took until the node accepted connections.
+        self.started_in = 0.0
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        )
+        (self.base / "rabbitmq-env.conf").write_text("")  # not the host's, which names its node
+        (self.base / "enabled_plugins").write_text("[].\n")
+        cookie = self.base / ".erlang.cookie"
+        cookie.write_text(self.base.name.upper().replace("-", ""))
+        cookie.chmod(0o400)
+        self.env = {
+            **os.environ,
+            "HOME": str(self.base),  # where rabbitmqctl and the node find the cookie
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_CONF_ENV_FILE": str(self.base / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_ENABLED_PLUGINS": "",
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_PID_FILE": str(self.base / "node.pid"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 60.0) -> None:
+        began = time.monotonic()
+        (self.base / "node.pid").unlink(missing_ok=True)  # a crashed node's, stale
+        output = open(self.base / "server.out", "ab")  # noqa: SIM115 (the child's)
+        try:
+            # A session of its own: kill() takes the whole process group.
+            self.proc = subprocess.Popen(
+                [str(self.scripts / "rabbitmq-server")],
+                env=self.env,
+                cwd=self.base,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,
+            )
+        finally:
+            output.close()
+        try:
+            # await_startup fails at once while the node is not yet known to epmd; `wait`
+            # first waits for the pid file the node writes as it boots.
+            seconds = str(int(timeout))
+            self.ctl("wait", str(self.base / "node.pid"), "--timeout", seconds, timeout=timeout)
+            self.ctl("await_startup", "--timeout", seconds, timeout=timeout)
+        except BaseException:
+            self.kill()
+            raise
+        self.started_in = time.monotonic() - began
+
+    def ctl(self, *args: str, timeout: float = 30.0) -> str:
+        try:
+            proc = subprocess.run(
+                [str(self.scripts / "rabbitmqctl"), "-n", self.node, *args],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} timed out; {self._log()}") from exc
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"rabbitmqctl {' '.join(args)} failed: {proc.stderr or proc.stdout}; {self._log()}"
+            )
+        return proc.stdout
+
+    def _log(self) -> str:
+        out = self.base / "server.out"
+        tail = out.read_text(errors="replace")[-2000:] if out.exists() else ""
+        return f"the node's output (in {self.base}) ends: {tail}"
+
+    def kill(self) -> None:
+        """SIGKILL of the node's process group (beam.smp and its helpers): a crash, no
+        clean shutdown; the node's files stay for the next start()."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+        deadline = time.monotonic() + 10
+        while (left := self._node_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"processes of RabbitMQ node {self.node} outlived SIGKILL: {left}"
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _node_processes(self) -> list[int]:
+        """Pids of processes whose command line names this node."""
+        found = []
+        marker = self.node.encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+        return found
 
 
 class Proxy:
