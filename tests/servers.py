@@ -115,9 +115,7 @@ class OwnRabbitMQ:
         self.proc: subprocess.Popen[bytes] | None = None
         # The seconds the last start() took until the node accepted connections.
         self.started_in = 0.0
-        (self.base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-        )
+        (self.base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
         (self.base / "rabbitmq-env.conf").write_text("")  # not the host's, which names its node
         (self.base / "enabled_plugins").write_text("[].\n")
         cookie = self.base / ".erlang.cookie"
@@ -209,8 +207,10 @@ class OwnRabbitMQ:
         assert not left, f"processes of RabbitMQ node {self.node} outlived SIGKILL: {left}"
 
     def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.base, ignore_errors=True)
+        try:
+            self.kill()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def _node_processes(self) -> list[int]:
         """Pids of processes whose command line names this node."""
