@@ -100,13 +100,18 @@ def _rabbitmq_scripts() -> Path:
     return Path(found).resolve().parent
 
 
+# OwnRabbitMQ's dead_letter_worker_publisher_confirm_timeout.
+DLX_CONFIRM_TIMEOUT_MS = 5000
+
+
 class OwnRabbitMQ:
     """A RabbitMQ node of the test's own, never the shared one: its own node name, loopback
     ports, configuration, cookie and data directory, which kill() and start() keep (a crash
     and a restart on the same disk) and close() removes. No plugins (the management
-    plugin's port would clash with the shared node's)."""
+    plugin's port would clash with the shared node's). Nodes given the same `cookie` can
+    form a cluster (join())."""
 
-    def __init__(self) -> None:
+    def __init__(self, cookie: str | None = None) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="conveyor-rabbit-"))
         self.node = f"conveyor-crash-{self.base.name.rsplit('-', 1)[1]}@localhost"
         self.port = free_port()
@@ -118,9 +123,9 @@ class OwnRabbitMQ:
         (self.base / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
         (self.base / "rabbitmq-env.conf").write_text("")  # not the host's, which names its node
         (self.base / "enabled_plugins").write_text("[].\n")
-        cookie = self.base / ".erlang.cookie"
-        cookie.write_text(self.base.name.upper().replace("-", ""))
-        cookie.chmod(0o400)
+        cookie_file = self.base / ".erlang.cookie"
+        cookie_file.write_text(cookie or self.base.name.upper().replace("-", ""))
+        cookie_file.chmod(0o400)
         self.env = {
             **os.environ,
             "HOME": str(self.base),  # where rabbitmqctl and the node find the cookie
@@ -136,7 +141,11 @@ class OwnRabbitMQ:
             "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.base / "log"),
             "RABBITMQ_PID_FILE": str(self.base / "node.pid"),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            # As compose.yaml sets it (there 10 s): a dead-letter hop that a queue below
+            # could not confirm (its leader restarting or re-elected) is retried this soon,
+            # not after RabbitMQ's default 180 s.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1} "
+            f"-rabbit dead_letter_worker_publisher_confirm_timeout {DLX_CONFIRM_TIMEOUT_MS}",
         }
 
     @property
@@ -169,6 +178,12 @@ class OwnRabbitMQ:
             self.kill()
             raise
         self.started_in = time.monotonic() - began
+
+    def join(self, other: OwnRabbitMQ) -> None:
+        """Make this running node a member of `other`'s cluster (both share a cookie)."""
+        self.ctl("stop_app")
+        self.ctl("join_cluster", other.node, timeout=60.0)
+        self.ctl("start_app", timeout=60.0)
 
     def ctl(self, *args: str, timeout: float = 30.0) -> str:
         try:
