@@ -125,6 +125,8 @@ class RunStore:
         # token at the end: packed once.
         self._claim_head = self.scripts.head("claim", 2, 6)
         self._checkpoint_head = self.scripts.head("checkpoint", 2, 4)
+        self._finish_head = self.scripts.head("finish", 2, 9)
+        self._run_ttl_bulk = bulk(self._run_ttl)
         self._claim_tails: dict[tuple[str, bool], bytes] = {}
         self._idem_ttl = str(int(settings.idempotency_ttl * 1000))
         self._creating: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]] = []
@@ -302,20 +304,21 @@ class RunStore:
         traceback: str = "",
         retry_delay_ms: int = 0,
     ) -> Finish:
-        command = self.scripts.command(
-            "finish",
-            [self.keys.run(run_id), self.keys.steps(run_id)],
-            [
-                worker,
-                attempt,
-                run_status.value,
-                attempt_status,
-                output,
-                error,
-                traceback,
-                self._run_ttl,
-                retry_delay_ms,
-            ],
+        command = b"".join(
+            (
+                self._finish_head,
+                bulk(self.keys.run(run_id)),
+                bulk(self.keys.steps(run_id)),
+                bulk(worker),
+                bulk(attempt),
+                bulk(run_status.value),
+                bulk(attempt_status),
+                bulk(output),
+                bulk(error),
+                bulk(traceback),
+                self._run_ttl_bulk,
+                bulk(retry_delay_ms),
+            )
         )
         reply = await self._hot("finish", command)
         kind = reply[0].decode()
@@ -331,12 +334,16 @@ class RunStore:
 
     async def _hot(self, name: str, command: bytes) -> Any:
         """A hot-path script call. While Redis is unavailable it waits at the gate (when
-        one is set) and is sent again: its script gives a repeated call the same answer."""
+        one is set) and is sent again: its script gives a repeated call the same answer.
+        The common case (gate open, a good reply) awaits the pipe here, with no layer."""
         gate = self.gate
         if gate is not None and not gate.is_open:
             return await gate.call(lambda: self._send(name, command))
         try:
-            return await self._send(name, command)
+            reply = await self.pipe.send(command)
+            if isinstance(reply, ResponseError):
+                reply = await self.scripts.retry(name, command, reply)
+            return reply
         except Exception as exc:
             if gate is None or not gate.unavailable(exc):
                 raise
