@@ -14,12 +14,14 @@ if not _os.path.isdir(_os.path.join(__path__[0], "shared")) and _os.path.isfile(
 from conveyor._client import Client, RunHandle
 from conveyor._step import run_step, step
 from conveyor._task import BoundTask, Task, registered_tasks, task
+from conveyor._waits import Result, sleep, sleep_until
 from conveyor.shared.context import RunInfo, current_run
 from conveyor.shared.errors import (
     ConfigurationError,
     ConveyorError,
     InvalidArguments,
     InvalidOption,
+    InvalidWait,
     NonRetryableError,
     PayloadTooLarge,
     PublishFailed,
@@ -43,9 +45,11 @@ __all__ = [
     "ConveyorError",
     "InvalidArguments",
     "InvalidOption",
+    "InvalidWait",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
+    "Result",
     "ResultTimeout",
     "Retry",
     "Run",
@@ -63,6 +67,8 @@ __all__ = [
     "current_run",
     "registered_tasks",
     "run_step",
+    "sleep",
+    "sleep_until",
     "step",
     "task",
 ]

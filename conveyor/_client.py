@@ -350,11 +350,18 @@ class Client:
     ) -> list[Run]:
         return await self.store.list(task_id=task_id, status=status, limit=limit)
 
-    async def cancel(self, run_id: str) -> RunStatus:
-        """Cancel a run that has not ended; returns the status it had before."""
+    async def cancel(self, run_id: str, *, children: bool = True) -> RunStatus:
+        """Cancel a run that has not ended, and (unless `children=False`) the runs of its
+        tree that have not ended; returns the status the run had before."""
         previous = await self.store.cancel(run_id)
         if previous == "MISSING":
             raise RunNotFound(run_id)
+        if children:
+            pending = await self.store.children(run_id)
+            while pending:
+                await asyncio.gather(*(self.store.cancel(c) for c in pending))
+                below = await asyncio.gather(*(self.store.children(c) for c in pending))
+                pending = [c for group in below for c in group]
         return RunStatus(previous)
 
     def handle(self, run_id: str) -> RunHandle[Any]:

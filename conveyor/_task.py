@@ -9,9 +9,12 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import msgspec
 
-from conveyor.shared.errors import InvalidArguments, TaskDefinitionError
+from conveyor.shared.context import current_context
+from conveyor.shared.errors import InvalidArguments, RunFailed, TaskDefinitionError
 from conveyor.shared.names import check_name
 from conveyor.shared.retry import DEFAULT_RETRY, Retry
+
+from ._waits import Result, wait_for_child, wait_for_children
 
 if TYPE_CHECKING:
     from ._client import RunHandle
@@ -91,6 +94,18 @@ class Task(Generic[P, R]):
         """Start one run per mapping of keyword arguments, published as one confirmed batch."""
         return await self._plain.batch_trigger(items)
 
+    def trigger_and_wait(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        """Run this task as a child of the current run and return its result (RunFailed
+        if it fails). The parent holds no worker slot while it waits. Outside a run: a
+        trigger, then the handle's result()."""
+        return self._plain.trigger_and_wait(*args, **kwargs)
+
+    def batch_trigger_and_wait(
+        self, items: Iterable[Mapping[str, Any]]
+    ) -> Awaitable[list[Result[R]]]:
+        """One child run per mapping of keyword arguments; their results in input order."""
+        return self._plain.batch_trigger_and_wait(items)
+
     # -- encoding -----------------------------------------------------------------------
 
     def encode_arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
@@ -141,6 +156,46 @@ class BoundTask(Generic[P, R]):
         payloads = [self.task.encode_arguments((), item) for item in items]
         client = await active_client()
         return await client.trigger_task(self.task, payloads, self.opts)
+
+    def trigger_and_wait(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        # The step key is taken now, not when awaited: calls gathered together get the
+        # same keys on every replay.
+        payload = self.task.encode_arguments(args, kwargs)
+        ctx = current_context()
+        if ctx is None:
+            return self._trigger_then_result(payload)
+        key = ctx.step_key(f"trigger_and_wait:{self.task.id}")
+        return wait_for_child(ctx, self.task, key, payload, self.opts)
+
+    def batch_trigger_and_wait(
+        self, items: Iterable[Mapping[str, Any]]
+    ) -> Awaitable[list[Result[R]]]:
+        payloads = [self.task.encode_arguments((), item) for item in items]
+        ctx = current_context()
+        if ctx is None:
+            return self._batch_then_results(payloads)
+        key = ctx.step_key(f"batch_trigger_and_wait:{self.task.id}")
+        return wait_for_children(ctx, self.task, key, payloads, self.opts)
+
+    async def _trigger_then_result(self, payload: bytes) -> R:
+        from ._client import active_client
+
+        client = await active_client()
+        [handle] = await client.trigger_task(self.task, [payload], self.opts)
+        return await handle.result()
+
+    async def _batch_then_results(self, payloads: list[bytes]) -> list[Result[R]]:
+        from ._client import active_client
+
+        client = await active_client()
+        handles = await client.trigger_task(self.task, payloads, self.opts)
+        results: list[Result[R]] = []
+        for handle in handles:
+            try:
+                results.append(Result(True, await handle.result()))
+            except RunFailed as exc:
+                results.append(Result(False, status=exc.status, error=exc.error))
+        return results
 
 
 def task(

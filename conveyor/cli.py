@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor._client import Client
 from conveyor._task import registered_tasks
-from conveyor.shared.errors import ConveyorError
+from conveyor.shared.errors import ConveyorError, RunNotFound
 from conveyor.shared.models import Run, RunStatus
 
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = runs_sub.add_parser("show", help="one run with its attempts and steps")
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true")
+    tree = runs_sub.add_parser("tree", help="a run and the runs it triggered, with statuses")
+    tree.add_argument("run_id", metavar="RUN_ID")
+    tree.add_argument("--json", action="store_true")
     listing = runs_sub.add_parser("list", help="recent runs, newest first")
     listing.add_argument("--task", default=None)
     listing.add_argument("--status", default=None, type=_status)
@@ -240,12 +243,38 @@ async def _client_command(args: argparse.Namespace) -> int:
             run = await client.get_run(args.run_id)
             _out(args, _run_dict(run), _run_text(run))
             return 0
+        if args.runs_command == "tree":
+            nodes = await _tree(client, args.run_id)
+            text = "\n".join(
+                f"{'  ' * depth}{r.id}  {r.task_id}  {r.status.value}" for depth, r in nodes
+            )
+            data = [
+                {"depth": depth, "id": r.id, "task_id": r.task_id, "status": r.status}
+                for depth, r in nodes
+            ]
+            _out(args, data, text)
+            return 0
         runs = await client.list_runs(task_id=args.task, status=args.status, limit=args.limit)
         lines = [
             f"{r.id}  {r.task_id:<24} {r.status.value:<10} {_when(r.created_at)}" for r in runs
         ]
         _out(args, [_run_dict(r) for r in runs], "\n".join(lines) or "no runs")
         return 0
+
+
+async def _tree(client: Client, run_id: str) -> list[tuple[int, Run]]:
+    """The run and its descendants, depth first, each with its depth."""
+    nodes: list[tuple[int, Run]] = []
+    stack: list[tuple[int, str]] = [(0, run_id)]
+    while stack:
+        depth, current = stack.pop()
+        try:
+            run = await client.get_run(current)
+        except RunNotFound:  # expired before its parent
+            continue
+        nodes.append((depth, run))
+        stack += [(depth + 1, c) for c in reversed(run.children)]
+    return nodes
 
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -7,7 +7,8 @@ at entries more than `reap_after` past their time and, by the run's state:
 - gone or terminal: the entry is removed;
 - EXECUTING under a live lease, or not due yet (not_before ahead): the entry moves to
   that time;
-- QUEUED, DELAYED or RETRYING past due, or EXECUTING with an expired lease: its message is
+- QUEUED, DELAYED or RETRYING past due, WAITING past its earliest timer, or EXECUTING
+  with an expired lease: its message is
   republished by run id (the claim dedupes a message that was not lost after all) and
   the entry moves on, each further republish of the same run backing off twice as long.
 
@@ -104,7 +105,10 @@ class Reaper:
             return state.not_before
         if state.status in _WAITING or state.status is RunStatus.EXECUTING:
             return 0
-        return now  # a state the reaper does not repair (WAITING): look again later
+        if state.status is RunStatus.WAITING and state.not_before:
+            # Waiting for a timer (a sleep): its wake-up message is due.
+            return state.not_before if state.not_before > now else 0
+        return now  # waiting for child runs, whose ends wake it: look again later
 
     async def _republish(self, run_ids: Sequence[str]) -> None:
         if not self.lease.held():

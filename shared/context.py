@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from .codec import decoder_for
 from .errors import ConveyorError, NonRetryableError, RunLost, StepResultNotSerializable
 from .retry import Retry
-from .store import RunStore
+from .store import Lineage, NewRun, RunStore, WaitRequest
 
 
 class RunInfo(msgspec.Struct, frozen=True):
@@ -24,14 +24,25 @@ class RunInfo(msgspec.Struct, frozen=True):
     attempt: int
 
 
+# Starts child runs for a waiting step: creates those not created yet and publishes them.
+Spawn = Callable[[list[NewRun]], Awaitable[None]]
+# Stops the attempt from inside: the run was lost, or all it does is wait.
+Stop = Callable[[Literal["lost", "suspend"]], None]
+
+
 class RunContext:
     __slots__ = (
+        "_busy",
+        "_checking",
         "_counters",
+        "_pending",
         "checkpoints",
         "gone",
         "info",
-        "lost",
+        "lineage",
         "replayed",
+        "spawn",
+        "stop",
         "store",
         "worker",
     )
@@ -43,17 +54,32 @@ class RunContext:
         checkpoints: dict[str, bytes],
         *,
         worker: str,
-        lost: Callable[[], None],
+        stop: Stop,
+        spawn: Spawn | None = None,
+        lineage: Lineage | None = None,
     ) -> None:
         self.info = info
         self.store = store
         self.checkpoints = checkpoints
         self.worker = worker
-        # Called when a checkpoint finds the run no longer this attempt's: stops the attempt.
-        self.lost = lost
+        # Stops the attempt: "lost" when a checkpoint finds the run no longer this
+        # attempt's, "suspend" when all it does is wait.
+        self.stop = stop
+        self.spawn = spawn
+        self.lineage = lineage  # set when this run is a child run
         self.gone: RunLost | None = None  # then no further step runs, even if that was caught
         self.replayed: list[str] = []
         self._counters: dict[str, int] = {}
+        # Steps and wait records under way, and waits not over: when nothing is under way
+        # and something waits, the attempt suspends (suspend_when_idle).
+        self._busy = 0
+        self._pending = 0
+        self._checking = False
+
+    @property
+    def root(self) -> str:
+        """The root of this run's tree (itself for a run nobody triggered)."""
+        return self.lineage.root if self.lineage is not None else self.info.id
 
     def step_key(self, name: str) -> str:
         """The key of the next call of step `name` in this run: name plus call index.
@@ -79,6 +105,22 @@ class RunContext:
         if saved is not None:
             self.replayed.append(key)
             return decoder_for(result_type).decode(saved)
+        self._busy += 1
+        try:
+            return await self._run_step(key, result_type, retry, fn, args, kwargs)
+        finally:
+            self._busy -= 1
+            self._suspend_when_idle()
+
+    async def _run_step(
+        self,
+        key: str,
+        result_type: Any,
+        retry: Retry | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         attempt = 1
         while True:
             try:
@@ -102,13 +144,69 @@ class RunContext:
                 self.info.id, self.worker, self.info.attempt, key, encoded
             )
         except RunLost as exc:
-            self.gone = exc
-            self.lost()
+            self._lose(exc)
             raise
         self.checkpoints[key] = stands
         if stands is not encoded:  # saved first by an earlier try of this same write
             return decoder_for(result_type).decode(stands)
         return result
+
+    async def wait(self, requests: list[WaitRequest], children: list[NewRun]) -> list[bytes]:
+        """The saved outcomes of these waits (WaitResult JSON), once all are over. Until
+        then it records them (and starts the `children` they wait for) and never returns:
+        when nothing else in the run is under way, the attempt is suspended."""
+        if self.gone is not None:
+            raise self.gone
+        known = [self.checkpoints.get(r.key) for r in requests]
+        if all(k is not None for k in known):
+            self.replayed += [r.key for r in requests]
+            return [k for k in known if k is not None]
+        self._busy += 1
+        try:
+            states = await self.store.wait(self.info.id, self.worker, self.info.attempt, requests)
+            over = {r.key for r, st in zip(requests, states, strict=True) if st.result is not None}
+            waiting_for = [c for c in children if c.parent_step not in over]
+            if waiting_for:
+                if self.spawn is None:
+                    raise ConveyorError("child runs can only be waited for inside a worker")
+                await self.spawn(waiting_for)
+        except RunLost as exc:
+            self._lose(exc)
+            raise
+        finally:
+            self._busy -= 1
+        results = [st.result for st in states]
+        if all(r is not None for r in results):
+            for r, st in zip(requests, states, strict=True):
+                assert st.result is not None
+                self.checkpoints[r.key] = st.result
+            return [r for r in results if r is not None]
+        self._pending += 1
+        self._suspend_when_idle()
+        # Never set: the suspension cancels the attempt while it waits here.
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    def _lose(self, exc: RunLost) -> None:
+        self.gone = exc
+        self.stop("lost")
+
+    def _suspend_when_idle(self) -> None:
+        """Suspend the attempt once a wait is pending and nothing else is under way for
+        two turns of the event loop (waits started together by asyncio.gather all get to
+        record themselves first)."""
+        if self._pending and not self._busy and not self._checking:
+            self._checking = True
+            asyncio.get_running_loop().call_soon(self._check_idle, 2)
+
+    def _check_idle(self, turns: int) -> None:
+        if self._busy or not self._pending:
+            self._checking = False
+        elif turns > 1:
+            asyncio.get_running_loop().call_soon(self._check_idle, turns - 1)
+        else:
+            self._checking = False
+            self.stop("suspend")
 
 
 _current: ContextVar[RunContext | None] = ContextVar("conveyor_run", default=None)

@@ -138,6 +138,10 @@ class ResultTimeout(ConveyorError, TimeoutError):
         self.status = status
 
 
+class InvalidWait(ConveyorError, ValueError):
+    """A sleep or wait asked for something that cannot be waited for."""
+
+
 class NonRetryableError(ConveyorError):
     """Raise from task code to fail the run at once, skipping the remaining retries."""
 

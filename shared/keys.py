@@ -24,6 +24,14 @@ class Keys:
     def steps(self, run_id: str) -> str:
         return f"{self.namespace}:{{{run_id}}}:steps"
 
+    def waits(self, run_id: str) -> str:
+        """step key -> what the step waits for (a child run, a timer), while it waits."""
+        return f"{self.namespace}:{{{run_id}}}:waits"
+
+    def children(self, run_id: str) -> str:
+        """The runs a run triggered, in order."""
+        return f"{self.namespace}:{{{run_id}}}:children"
+
     def idempotency(self, task_id: str, key: str) -> str:
         return f"{self.namespace}:idem:{task_id}:{key}"
 

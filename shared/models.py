@@ -93,3 +93,8 @@ class Run(msgspec.Struct, frozen=True):
     idempotency_key: str | None
     queue: str
     steps: list[str]
+    # A child run's parent and the root of its tree (None for a run nobody triggered),
+    # and the runs this one triggered, in order.
+    parent: str | None = None
+    root: str | None = None
+    children: list[str] = msgspec.field(default_factory=list)

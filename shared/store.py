@@ -47,11 +47,28 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     tags: list[str]
     idempotency_key: str | None
     delay_ms: int
+    # A child run: the run that triggered it, the step of the parent waiting for it (None
+    # for a child that is not waited for) and the root of the tree.
+    parent: str | None = None
+    parent_step: str | None = None
+    root: str | None = None
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
     run_id: str
     created: bool
+    # False when the run was there already (created by a worker that got its message
+    # first, or by an earlier try of a replayed step).
+    new: bool = True
+
+
+class Lineage(msgspec.Struct, frozen=True, gc=False):
+    """Where a child run sits in its tree: the run that triggered it, the parent's step
+    that waits for it ('' when none waits) and the root run."""
+
+    parent: str
+    parent_step: str
+    root: str
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -62,6 +79,47 @@ class Claim(msgspec.Struct, frozen=True):
     checkpoints: dict[str, bytes] = msgspec.field(default_factory=dict)
     wait_ms: int = 0
     detail: str = ""
+    lineage: Lineage | None = None
+    # A dropped child run's end, for its parent (claim.lua 'drop'): output and error.
+    output: bytes = b""
+    error: str = ""
+
+
+class WaitRequest(msgspec.Struct, frozen=True, gc=False):
+    """A waitpoint to record (wait.lua): its step key, kind ('child' or 'sleep'), what it
+    refers to (a child run id), and when a timer ends: at `until_ms`, or `delay_ms` from
+    the first time it is recorded (-1: not relative)."""
+
+    key: str
+    kind: str
+    ref: str = ""
+    until_ms: int = 0
+    delay_ms: int = -1
+
+
+class WaitState(msgspec.Struct, frozen=True, gc=False):
+    """A waitpoint as wait.lua found it: over (`result` saved) or pending until `timer_ms`."""
+
+    result: bytes | None
+    timer_ms: int = 0
+
+
+class Suspended(msgspec.Struct, frozen=True, gc=False):
+    """suspend.lua's answer: 'waiting' (until the earliest timer, 0: none), 'resume' (all
+    it waited for is done: run again now) or 'stale' (the attempt lost the run)."""
+
+    kind: Literal["waiting", "resume", "stale"]
+    timer_ms: int = 0
+    now_ms: int = 0
+
+
+class Woken(msgspec.Struct, frozen=True, gc=False):
+    """A run that resolve.lua made QUEUED again: what its message is rebuilt from."""
+
+    task: str
+    queue: str
+    payload: bytes
+    tags: list[str]
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -113,6 +171,9 @@ class RunStore:
                 "cancel",
                 "abandon",
                 "release",
+                "wait",
+                "suspend",
+                "resolve",
             ],
         )
         # Set by a worker: claim, checkpoint and finish then wait there while Redis is
@@ -123,9 +184,9 @@ class RunStore:
         self._run_ttl = str(int(settings.run_ttl))
         # claim's arguments are the same for every run a worker claims, but for the claim
         # token at the end: packed once.
-        self._claim_head = self.scripts.head("claim", 2, 6)
+        self._claim_head = self.scripts.head("claim", 3, 6)
         self._checkpoint_head = self.scripts.head("checkpoint", 2, 4)
-        self._finish_head = self.scripts.head("finish", 2, 9)
+        self._finish_head = self.scripts.head("finish", 4, 9)
         self._run_ttl_bulk = bulk(self._run_ttl)
         self._claim_tails: dict[tuple[str, bool], bytes] = {}
         self._idem_ttl = str(int(settings.idempotency_ttl * 1000))
@@ -160,9 +221,10 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        groups: dict[tuple[str, str, tuple[str, ...], int], list[int]] = {}
+        groups: dict[tuple[str, str, tuple[str, ...], int, str | None], list[int]] = {}
         for i, run in enumerate(runs):
-            groups.setdefault((run.task_id, run.queue, tuple(run.tags), run.delay_ms), []).append(i)
+            group = (run.task_id, run.queue, tuple(run.tags), run.delay_ms, run.parent)
+            groups.setdefault(group, []).append(i)
         chunks = [
             positions[start : start + CREATE_CHUNK]
             for positions in groups.values()
@@ -183,7 +245,7 @@ class RunStore:
                 results[i] = (
                     reply
                     if isinstance(reply, BaseException)
-                    else Created(reply[2 * n + 1].decode(), bool(reply[2 * n]))
+                    else Created(reply[2 * n + 1].decode(), reply[2 * n] != 0, reply[2 * n] == 1)
                 )
         start = 0
         for wanted, future in batch:
@@ -207,12 +269,14 @@ class RunStore:
             msgspec.json.encode(first.tags),
             first.delay_ms,
             self._idem_ttl,
+            first.parent or "",
+            first.root or "",
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
             idem = run.idempotency_key or ""
             keys += (run_key, self.keys.idempotency(run.task_id, idem) if idem else run_key)
-            args += (run.run_id, run.payload, idem)
+            args += (run.run_id, run.payload, idem, run.parent_step or "")
         return await self.scripts.call("create", keys, args)
 
     async def abandon(self, runs: Sequence[NewRun], error: str) -> list[bool]:
@@ -253,12 +317,27 @@ class RunStore:
             ]
             tail = self._claim_tails[worker, alone] = b"".join(map(bulk, args))
         keys = bulk(self.keys.run(run_id)) + bulk(self.keys.steps(run_id))
+        keys += bulk(self.keys.waits(run_id))
         reply = await self._hot("claim", self._claim_head + keys + tail + bulk(token))
         kind = reply[0].decode()
         if kind == "run":
-            flat = reply[4:]
+            flat = reply[7:]
             checkpoints = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-            return Claim("run", int(reply[1]), int(reply[2]), int(reply[3]), checkpoints)
+            lineage = None
+            if reply[4]:
+                lineage = Lineage(reply[4].decode(), reply[5].decode(), reply[6].decode())
+            return Claim(
+                "run", int(reply[1]), int(reply[2]), int(reply[3]), checkpoints, lineage=lineage
+            )
+        if kind == "drop" and len(reply) > 2:
+            lineage = Lineage(reply[2].decode(), reply[3].decode(), "")
+            return Claim(
+                "drop",
+                detail=reply[1].decode(),
+                lineage=lineage,
+                output=reply[4],
+                error=reply[5].decode(),
+            )
         if kind in ("busy", "early"):
             return Claim(kind, wait_ms=int(reply[1]))
         if kind == "missing":
@@ -309,6 +388,8 @@ class RunStore:
                 self._finish_head,
                 bulk(self.keys.run(run_id)),
                 bulk(self.keys.steps(run_id)),
+                bulk(self.keys.waits(run_id)),
+                bulk(self.keys.children(run_id)),
                 bulk(worker),
                 bulk(attempt),
                 bulk(run_status.value),
@@ -350,6 +431,63 @@ class RunStore:
             gate.close(exc)
             return await gate.call(lambda: self._send(name, command))
 
+    # -- waiting ------------------------------------------------------------------------
+
+    async def wait(
+        self, run_id: str, worker: str, attempt: int, waits: Sequence[WaitRequest]
+    ) -> list[WaitState]:
+        """Record waitpoints of this worker's attempt (wait.lua): for each, its saved
+        result if it is over, else when its timer ends (0: no timer). Raises RunLost when
+        the attempt no longer holds the run."""
+        args: list[Arg] = [worker, attempt]
+        for w in waits:
+            args += (w.key, w.kind, w.ref, w.until_ms, w.delay_ms)
+        keys = [
+            self.keys.run(run_id),
+            self.keys.steps(run_id),
+            self.keys.waits(run_id),
+            self.keys.children(run_id),
+        ]
+        reply = await self._hot("wait", self.scripts.command("wait", keys, args))
+        if reply[0] == b"stale":
+            raise RunLost(run_id, reply[1].decode())
+        return [
+            WaitState(reply[i + 1]) if reply[i] == b"done" else WaitState(None, int(reply[i + 1]))
+            for i in range(1, len(reply), 2)
+        ]
+
+    async def suspend(self, run_id: str, worker: str, attempt: int) -> Suspended:
+        """End this attempt as WAITING for its waitpoints (suspend.lua)."""
+        keys = [self.keys.run(run_id), self.keys.waits(run_id)]
+        reply = await self._hot("suspend", self.scripts.command("suspend", keys, [worker, attempt]))
+        kind = reply[0].decode()
+        if kind == "waiting":
+            return Suspended("waiting", int(reply[1]), int(reply[2]))
+        if kind == "resume":
+            return Suspended("resume", now_ms=int(reply[1]))
+        return Suspended("stale")
+
+    async def resolve(self, run_id: str, step_key: str, ref: str, result: bytes) -> Woken | None:
+        """Hand a waitpoint's outcome to the run waiting for it (resolve.lua); the run
+        to publish again if that was the last thing it waited for."""
+        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.waits(run_id)]
+        reply = await self._hot(
+            "resolve", self.scripts.command("resolve", keys, [step_key, ref, result])
+        )
+        if reply[0] != b"wake":
+            return None
+        task, queue, payload, tags = reply[1:5]
+        return Woken(task.decode(), queue.decode(), payload, _tags_decoder.decode(tags))
+
+    async def children(self, run_id: str) -> list[str]:
+        """The runs this run triggered, in order (waited for or not)."""
+        ids: list[Any] = await self.redis.lrange(self.keys.children(run_id), 0, -1)
+        return [i.decode() for i in ids]
+
+    async def add_child(self, run_id: str, child_ids: Sequence[str]) -> None:
+        """Record children that no step waits for (fire-and-forget triggers)."""
+        await self.pipe.execute("RPUSH", self.keys.children(run_id), *child_ids)
+
     async def heartbeat(self, leases: Sequence[tuple[str, int]], worker: str) -> list[str]:
         """Renew the leases of (run_id, attempt) pairs; returns 'ok' or the status that
         ended it. Never waits at the gate: a renewal that fails is made at the next turn."""
@@ -367,7 +505,14 @@ class RunStore:
 
     async def cancel(self, run_id: str) -> str:
         reply = await self.scripts.call(
-            "cancel", [self.keys.run(run_id), self.keys.steps(run_id)], [self._run_ttl]
+            "cancel",
+            [
+                self.keys.run(run_id),
+                self.keys.steps(run_id),
+                self.keys.waits(run_id),
+                self.keys.children(run_id),
+            ],
+            [self._run_ttl],
         )
         previous: str = reply.decode()
         if previous not in ("MISSING",) and not RunStatus(previous).is_terminal:
@@ -427,10 +572,12 @@ class RunStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.run(run_id))
             pipe.hkeys(self.keys.steps(run_id))
-            fields, steps = await pipe.execute()
+            pipe.lrange(self.keys.children(run_id), 0, -1)
+            fields, steps, children = await pipe.execute()
         if not fields or b"status" not in fields:
             return None
-        return _to_run(run_id, fields, sorted(s.decode() for s in steps))
+        run = _to_run(run_id, fields, sorted(s.decode() for s in steps))
+        return msgspec.structs.replace(run, children=[c.decode() for c in children])
 
     async def list(
         self, *, task_id: str | None = None, status: RunStatus | None = None, limit: int = 50
@@ -500,6 +647,8 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         idempotency_key=idem or None,
         queue=f.get(b"queue", b"").decode(),
         steps=steps,
+        parent=f[b"parent"].decode() if b"parent" in f else None,
+        root=f[b"root"].decode() if b"root" in f else None,
     )
 
 

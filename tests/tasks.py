@@ -10,12 +10,22 @@ import asyncio
 import dataclasses
 import os
 import signal
+import time
 from datetime import datetime
 
 import msgspec
 import redis.asyncio as aioredis
 
-from conveyor import NonRetryableError, Retry, current_run, run_step, step, task
+from conveyor import (
+    NonRetryableError,
+    Retry,
+    RunFailed,
+    current_run,
+    run_step,
+    sleep,
+    step,
+    task,
+)
 from conveyor.shared.context import current_context
 
 
@@ -303,3 +313,82 @@ async def late_retry(n: int) -> int:
 
 
 ALL += [nap, late_retry]
+
+
+# -- child runs and durable sleeps (tests/test_waits.py) ----------------------------------
+
+
+@task(id="double", retry=Retry(max_attempts=1))
+async def double(x: int) -> int:
+    await record(f"double:{x}")
+    return 2 * x
+
+
+@task(id="flaky-double", retry=Retry(max_attempts=3, min_delay=0.1))
+async def flaky_double(x: int) -> int:
+    await record(f"flaky-double:{x}")
+    if current_run().attempt == 1:
+        raise RuntimeError("the first attempt fails")
+    return 2 * x
+
+
+@task(id="gather-doubles", retry=Retry(max_attempts=1))
+async def gather_doubles() -> list[int]:
+    await record("gather-doubles")
+    return list(
+        await asyncio.gather(
+            double.trigger_and_wait(x=1), double.trigger_and_wait(x=2), double.trigger_and_wait(x=3)
+        )
+    )
+
+
+@task(id="fan-out", retry=Retry(max_attempts=1))
+async def fan_out(n: int, seconds: float = 0.0) -> int:
+    results = await slow_double.batch_trigger_and_wait(
+        [{"x": i, "seconds": seconds} for i in range(n)]
+    )
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    return sum(r.value or 0 for r in results)
+
+
+@task(id="slow-double", retry=Retry(max_attempts=1))
+async def slow_double(x: int, seconds: float = 0.0) -> int:
+    await record(f"slow-double:{x}")
+    await asyncio.sleep(seconds)
+    return 2 * x
+
+
+@task(id="catch-child-failure", retry=Retry(max_attempts=1))
+async def catch_child_failure() -> str:
+    try:
+        await always_fails.trigger_and_wait()
+    except RunFailed as exc:
+        return f"{exc.status}: {exc.error}"
+    return "no failure"
+
+
+@task(id="middle", retry=Retry(max_attempts=1))
+async def middle(x: int) -> int:
+    return await flaky_double.trigger_and_wait(x=x) + 1
+
+
+@task(id="top", retry=Retry(max_attempts=1))
+async def top(x: int) -> int:
+    return await middle.trigger_and_wait(x=x) * 10
+
+
+@task(id="dozer", retry=Retry(max_attempts=1))
+async def dozer(seconds: float) -> float:
+    """Sleeps durably between two steps; returns how long the sleep took (wall clock)."""
+    began = await run_step("before", _now)
+    await sleep(seconds)
+    ended = await run_step("after", _now)
+    return ended - began
+
+
+async def _now() -> float:
+    return time.time()
+
+
+ALL += [double, flaky_double, gather_doubles, fan_out, slow_double, catch_child_failure]
+ALL += [middle, top, dozer]

@@ -15,7 +15,7 @@ from conveyor.shared.models import RunStatus
 
 from .outcome import Outcome, completed, failed, retrying
 
-StopReason = Literal["cancel", "shutdown", "lost"]
+StopReason = Literal["cancel", "shutdown", "lost", "suspend"]
 
 
 class Execution:
@@ -142,6 +142,8 @@ def _stopped(reason: StopReason) -> Outcome:
         return Outcome(
             run_status=RunStatus.CANCELED, attempt_status="CANCELED", error="canceled on request"
         )
+    if reason == "suspend":
+        return Outcome(run_status=RunStatus.WAITING, attempt_status="WAITING")
     if reason == "shutdown":
         return Outcome(
             run_status=RunStatus.QUEUED,

@@ -44,7 +44,8 @@ from conveyor.shared.errors import ConfigurationError, ServiceUnavailable, descr
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.settings import Settings, redact
-from conveyor.shared.store import Created, NewRun, RunStore
+from conveyor.shared.store import Created, Lineage, NewRun, RunStore
+from conveyor.shared.waits import child_result, notify_parent
 
 from .admission import Admission
 from .delivery import Acks, Delivery
@@ -382,7 +383,12 @@ class Worker:
                 return
             claimed_at = time.monotonic()
             claim = await self.admission.claim(msg.id)
-        if claim.kind in ("drop", "missing"):
+        if claim.kind == "drop" and claim.lineage is not None and claim.lineage.parent_step:
+            # An ended child run: its parent must know before the message goes.
+            result = child_result(claim.detail, claim.output, claim.error)
+            await self._notify_parent(claim.lineage, msg.id, result)
+            message.ack()
+        elif claim.kind in ("drop", "missing"):
             message.ack()
         elif claim.kind in ("busy", "early"):
             await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)
@@ -399,7 +405,50 @@ class Worker:
                 claim.failures,
                 claim.checkpoints,
                 claimed_at,
+                claim.lineage,
             )
+
+    async def _notify_parent(self, lineage: Lineage, child_id: str, result: bytes) -> None:
+        await self.redis_gate.call(
+            lambda: notify_parent(
+                self.store,
+                self._publish_message,
+                lineage.parent,
+                lineage.parent_step,
+                child_id,
+                result,
+            )
+        )
+
+    async def _publish_message(self, queue: str, msg: RunMessage, delay_ms: int = 0) -> None:
+        await self._publish(
+            Outgoing(queue, _encoder.encode(msg), message_id=msg.id, delay_ms=delay_ms)
+        )
+
+    async def _spawn(self, children: list[NewRun]) -> None:
+        """Create and publish the child runs a waiting step starts (those created by an
+        earlier try are there already: a crash before their publish is the reaper's)."""
+        created = await self.redis_gate.call(lambda: self.store.create(children))
+        fresh = [c for c, made in zip(children, created, strict=True) if made.new]
+        by_queue: dict[str, list[Outgoing]] = {}
+        for child in fresh:
+            body = _encoder.encode(
+                RunMessage(
+                    task=child.task_id,
+                    payload=msgspec.Raw(child.payload),
+                    id=child.run_id,
+                    tags=child.tags,
+                )
+            )
+            by_queue.setdefault(child.queue, []).append(
+                Outgoing(child.queue, body, message_id=child.run_id)
+            )
+        for queue, outgoing in by_queue.items():
+            await self._publish_all(queue, outgoing)
+
+    async def _publish_all(self, queue: str, outgoing: list[Outgoing]) -> None:
+        await self.broker_gate.call(lambda: self.publisher.ensure_queue(queue))
+        await self.broker_gate.call(lambda: self.publisher.publish(outgoing))
 
     async def _create(self, run: NewRun) -> list[Created]:
         return await self.store.create([run])
@@ -415,6 +464,7 @@ class Worker:
         failures: int,
         checkpoints: dict[str, bytes],
         claimed_at: float,
+        lineage: Lineage | None,
     ) -> None:
         run_id = msg.id
         assert run_id is not None
@@ -424,7 +474,9 @@ class Worker:
             self.store,
             checkpoints,
             worker=self.id,
-            lost=functools.partial(execution.stop, "lost"),
+            stop=execution.stop,
+            spawn=self._spawn,
+            lineage=lineage,
         )
         key = (run_id, attempt)
         self.inflight[key] = execution
@@ -434,6 +486,8 @@ class Worker:
                 # Taken over (this attempt stalled past its lease) or ended: whatever this
                 # attempt found is not the run's any more, so it writes nothing.
                 log.warning("run %s: attempt %d lost the run; its outcome is dropped", *key)
+            elif outcome.run_status is RunStatus.WAITING:
+                await self._suspend(msg, queue, attempt)
             else:
                 result = await self.store.finish(
                     run_id,
@@ -446,6 +500,14 @@ class Worker:
                     traceback=outcome.traceback,
                     retry_delay_ms=outcome.retry_delay_ms,
                 )
+                if (
+                    result.kind == "ok"
+                    and outcome.run_status.is_terminal
+                    and lineage is not None
+                    and lineage.parent_step
+                ):
+                    ended = child_result(outcome.run_status.value, outcome.output, outcome.error)
+                    await self._notify_parent(lineage, run_id, ended)
                 if result.kind == "ok" and outcome.run_status is RunStatus.RETRYING:
                     msg.not_before = result.at_ms
                     await self._publish(
@@ -466,6 +528,20 @@ class Worker:
             await message.nack(requeue=True)
         else:
             message.ack()
+
+    async def _suspend(self, msg: RunMessage, queue: str, attempt: int) -> None:
+        """End an attempt that only waits: WAITING, woken by what it waits for (a child's
+        end, through notify_parent) or by a message at its earliest timer; or, when all of
+        it is over already, run again at once."""
+        assert msg.id is not None
+        run_id = msg.id
+        suspended = await self.store.suspend(run_id, self.id, attempt)
+        msg.not_before = None
+        if suspended.kind == "resume":
+            await self._publish_message(queue, msg)
+        elif suspended.kind == "waiting" and suspended.timer_ms:
+            delay_ms = max(1, suspended.timer_ms - suspended.now_ms)
+            await self._publish_message(queue, msg, delay_ms)
 
     async def _publish(self, outgoing: Outgoing) -> None:
         """Publish one message, waiting at the broker gate while RabbitMQ is unavailable."""

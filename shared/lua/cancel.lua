@@ -1,4 +1,4 @@
--- Cancel a run that has not finished. KEYS: run, steps   ARGV: run_ttl_s
+-- Cancel a run that has not finished. KEYS: run, steps, waits, children   ARGV: run_ttl_s
 -- Returns the status the run had before.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -10,6 +10,5 @@ if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status
 end
 redis.call('HSET', KEYS[1], 'status', 'CANCELED', 'finished_at', now, 'lease_until', 0,
   'error', 'canceled on request')
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 return status

@@ -1,24 +1,53 @@
 -- Decide what a delivered message means for its run, and start an attempt if it may run.
--- KEYS: run, steps
+-- KEYS: run, steps, waits
 -- ARGV: worker, lease_ms, max_crashes, run_ttl_s, alone ('1': nothing else runs in the worker),
 --       claim token (unique per delivery in the worker: the same claim sent again after a
 --       lost reply gets the same answer, not 'busy' and later a crash)
--- Returns {'run', attempt, failures, crashes, checkpoints...} | {'drop', status}
+-- Returns {'run', attempt, failures, crashes, parent, parent step, root, checkpoints...}
+--       | {'drop', status[, parent, parent step, output, error]}
 --       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'} | {'alone', crashes}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
-  'crashes', 'failures', 'worker', 'started_at', 'claim')
+  'crashes', 'failures', 'worker', 'started_at', 'claim', 'parent', 'parent_step', 'root')
 local status = r[1]
 if not status then return {'missing'} end
 if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
   or status == 'TIMED_OUT' or status == 'EXPIRED' then
+  -- A child run's end must reach its parent before its message goes: the worker that
+  -- wrote it may have died between the two.
+  if r[10] then
+    local o = redis.call('HMGET', KEYS[1], 'output', 'error')
+    return {'drop', status, r[10], r[11], o[1] or '', o[2] or ''}
+  end
   return {'drop', status}
+end
+if status == 'WAITING' then
+  -- Woken by a timer (or a stray copy of its message): sleeps that are due are over.
+  local waits = redis.call('HGETALL', KEYS[3])
+  local first, left = 0, 0
+  for i = 1, #waits, 2 do
+    local w = cjson.decode(waits[i + 1])
+    local untl = tonumber(w['until'])
+    if w.kind == 'sleep' and untl <= now then
+      redis.call('HSET', KEYS[2], waits[i], '{"ok":true}')
+      redis.call('HDEL', KEYS[3], waits[i])
+    else
+      left = left + 1
+      if untl > 0 and (first == 0 or untl < first) then first = untl end
+    end
+  end
+  if left > 0 then
+    if first > now then return {'early', first - now} end
+    return {'drop', 'WAITING'}
+  end
+  redis.call('HSET', KEYS[1], 'status', 'QUEUED')
+  status = 'QUEUED'
 end
 local crashes = tonumber(r[5] or '0')
 -- Checkpoints and the answer for an attempt that has started.
 local function started(n)
-  local out = {'run', n, tonumber(r[6] or '0'), crashes}
+  local out = {'run', n, tonumber(r[6] or '0'), crashes, r[10] or '', r[11] or '', r[12] or ''}
   local cps = redis.call('HGETALL', KEYS[2])
   for i = 1, #cps do out[#out + 1] = cps[i] end
   return out
@@ -48,6 +77,7 @@ if status == 'EXECUTING' then
     redis.call('HSET', KEYS[1], 'status', 'CRASHED', 'finished_at', now, 'error', reason)
     redis.call('EXPIRE', KEYS[1], ARGV[4])
     redis.call('EXPIRE', KEYS[2], ARGV[4])
+    redis.call('EXPIRE', KEYS[3], ARGV[4])
     return {'crashed', reason}
   end
   -- Not executing any more: a claim that does not start it now must not count it again.

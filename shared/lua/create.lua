@@ -1,18 +1,23 @@
 -- Create runs of one task, or return the existing run of a live idempotency key.
 -- KEYS: runs index, due index, then per run: run, idempotency (or the run key again when unused)
--- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, then per run: run_id, payload, idem_key
--- Returns per run: 1 and its id (created, or already there), or 0 and the existing run's id.
+-- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, parent run ('' for none), root run,
+--       then per run: run_id, payload, idem_key, parent step
+-- Returns per run: 1 and its id (created), 2 and its id (it was there already), or 0 and
+-- the id of the run its idempotency key belongs to.
+-- A child run (with a parent) records its parent, the parent's step waiting for it (if any)
+-- and the root of its tree.
 -- Each new run enters the due index at the time it should start by: the reaper republishes
 -- it if nothing has moved it some time after that (scheduler/reaper.py).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local task, queue, tags, delay, idem_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local parent, root = ARGV[6], ARGV[7]
 local status = 'QUEUED'
 if delay > 0 then status = 'DELAYED' end
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local run_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local run_id, payload, idem = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+  local run_id, payload, idem = ARGV[4 * i + 4], ARGV[4 * i + 5], ARGV[4 * i + 6]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', idem_key)
@@ -25,15 +30,21 @@ for i = 1, (#KEYS - 2) / 2 do
     out[#out + 1] = existing
   else
     -- A worker that got the message first has created the run already (see Client._trigger).
+    local code = 2
     if redis.call('EXISTS', run_key) == 0 then
+      code = 1
       if delay > 0 then redis.call('HSET', run_key, 'not_before', now + delay) end
       redis.call('HSET', run_key, 'task', task, 'queue', queue, 'status', status,
         'payload', payload, 'tags', tags, 'idem', idem, 'created_at', now,
         'attempt', 0, 'failures', 0, 'crashes', 0)
+      if parent ~= '' then
+        redis.call('HSET', run_key, 'parent', parent, 'root', root)
+        if ARGV[4 * i + 7] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 7]) end
+      end
       redis.call('ZADD', KEYS[1], now, run_id)
       redis.call('ZADD', KEYS[2], now + delay, run_id)
     end
-    out[#out + 1] = 1
+    out[#out + 1] = code
     out[#out + 1] = run_id
   end
 end

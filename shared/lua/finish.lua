@@ -1,5 +1,5 @@
 -- Record the end of an attempt, fenced by worker and attempt number.
--- KEYS: run, steps
+-- KEYS: run, steps, waits, children
 -- ARGV: worker, attempt, run_status, attempt_status, output, error, traceback, run_ttl_s,
 --       retry_delay_ms
 -- run_status RETRYING schedules the next attempt; QUEUED hands the run back (shutdown).
@@ -58,6 +58,5 @@ redis.call('HSET', KEYS[1], unpack(fields))
 -- The run's error says why it ended: an earlier attempt's error stays on that attempt only.
 if run_status == 'COMPLETED' then redis.call('HDEL', KEYS[1], 'error') end
 if run_status == 'FAILED' then redis.call('HINCRBY', KEYS[1], 'failures', 1) end
-redis.call('EXPIRE', KEYS[1], ARGV[8])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
 return {'ok', now}

@@ -1,0 +1,160 @@
+"""Child runs and durable sleeps (issue 9): a waiting run holds no worker slot, waits
+compose with asyncio.gather, and a replay neither triggers a child twice nor restarts a
+sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from conveyor import Client, RunStatus, Settings
+from conveyor.shared.waits import child_run_id
+from conveyor.worker import Worker
+from tests import tasks
+from tests.conftest import eventually
+from tests.faults import trace, wait_for_consumers
+
+
+async def test_gathered_children_run_in_parallel_and_each_runs_once(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    handle = await tasks.gather_doubles.trigger()
+    assert await handle.result(timeout=20) == [2, 4, 6]
+    run = await client.get_run(handle.id)
+    assert run is not None
+    # One suspension for the three waits together, then one replay that finds them done.
+    assert [a.status for a in run.attempts] == ["WAITING", "COMPLETED"]
+    assert await trace(settings, handle.id) == ["gather-doubles@1", "gather-doubles@2"]
+    for i, x in enumerate((1, 2, 3)):
+        child = child_run_id(handle.id, f"trigger_and_wait:double#{i}")
+        assert await trace(settings, child) == [f"double:{x}@1"]
+
+
+async def test_a_parent_waiting_on_100_children_frees_its_slot(
+    client: Client, settings: Settings
+) -> None:
+    # Concurrency 2: the parent and one child at a time. A parent that kept its slot while
+    # it waited would leave one slot for 100 children; one that kept both, none.
+    async with Worker(tasks.ALL, settings=settings, concurrency=2):
+        handle = await tasks.fan_out.trigger(n=100)
+        assert await handle.result(timeout=60) == sum(2 * i for i in range(100))
+
+
+async def test_a_childs_failure_reaches_the_parent_which_may_catch_it(
+    client: Client, worker: Worker
+) -> None:
+    handle = await tasks.catch_child_failure.trigger()
+    result = await handle.result(timeout=30)
+    assert result.startswith("FAILED: RuntimeError: attempt"), result
+
+
+async def test_a_retry_in_a_grandchild_reaches_the_top(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    handle = await tasks.top.trigger(x=4)
+    assert await handle.result(timeout=30) == (2 * 4 + 1) * 10
+    child = child_run_id(handle.id, "trigger_and_wait:middle#0")
+    grandchild = child_run_id(child, "trigger_and_wait:flaky-double#0")
+    assert await trace(settings, grandchild) == ["flaky-double:4@1", "flaky-double:4@2"]
+    run = await client.get_run(grandchild)
+    assert run is not None and run.status is RunStatus.COMPLETED
+
+
+async def test_a_sleeping_run_frees_its_worker_and_sleeps_its_time(
+    client: Client, settings: Settings
+) -> None:
+    async with Worker(tasks.ALL, settings=settings, concurrency=1):
+        sleeper = await tasks.dozer.trigger(seconds=3.0)
+        await asyncio.sleep(0.5)
+        began = time.monotonic()
+        # The only slot is free while the run sleeps: other runs go through meanwhile.
+        others = [await tasks.echo.trigger(value="x") for _ in range(5)]
+        for other in others:
+            assert await other.result(timeout=10) == "x"
+        assert time.monotonic() - began < 2.5, "other runs waited for the sleeping one"
+        slept = await sleeper.result(timeout=20)
+    assert 3.0 <= slept < 4.5, slept
+    run = await client.get_run(sleeper.id)
+    assert run is not None
+    assert [a.status for a in run.attempts] == ["WAITING", "COMPLETED"]
+
+
+@pytest.mark.parametrize("seconds", [-1.0, float("nan")])
+async def test_a_bad_sleep_is_refused(seconds: float) -> None:
+    from conveyor import InvalidWait, sleep
+
+    with pytest.raises(InvalidWait, match="sleep takes seconds"):
+        await sleep(seconds)
+
+
+async def test_sigkill_of_workers_while_a_parent_waits_and_children_run(
+    client: Client, settings: Settings, spawn_worker: Any
+) -> None:
+    """Both worker processes are SIGKILLed while the parent is suspended and children
+    run; new workers finish everything: every child completes, the parent completes once."""
+    first = [spawn_worker("--concurrency", "4"), spawn_worker("--concurrency", "4")]
+    await wait_for_consumers(settings, "fan-out", 2)
+    handle = await tasks.fan_out.trigger(n=20, seconds=0.4)
+    children = [
+        child_run_id(handle.id, f"batch_trigger_and_wait:slow-double#0/{i}") for i in range(20)
+    ]
+
+    async def children_running() -> bool:
+        return any([await trace(settings, c) for c in children[:8]])
+
+    await eventually(children_running, timeout=20)
+    for worker in first:
+        worker.kill()
+        worker.proc.wait()
+    spawn_worker("--concurrency", "4")
+    spawn_worker("--concurrency", "4")
+    assert await handle.result(timeout=90) == sum(2 * i for i in range(20))
+    run = await client.get_run(handle.id)
+    assert run is not None
+    assert [a.status for a in run.attempts][-1] == "COMPLETED"
+    assert [a.status for a in run.attempts].count("COMPLETED") == 1
+    states = await client.store.states(children)
+    assert all(s is not None and s.status is RunStatus.COMPLETED for s in states)
+
+
+async def test_a_run_tree_shows_parent_root_and_children(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    from tests.test_cli import conveyor
+
+    handle = await tasks.top.trigger(x=1)
+    assert await handle.result(timeout=30) == 30
+    child = child_run_id(handle.id, "trigger_and_wait:middle#0")
+    grandchild = child_run_id(child, "trigger_and_wait:flaky-double#0")
+    top, middle = await client.get_run(handle.id), await client.get_run(child)
+    assert (top.parent, top.root, top.children) == (None, None, [child])
+    assert (middle.parent, middle.root, middle.children) == (handle.id, handle.id, [grandchild])
+    assert (await client.get_run(grandchild)).root == handle.id
+    tree = (await conveyor(settings, "runs", "tree", handle.id, "--json")).json()
+    assert [(n["depth"], n["id"], n["status"]) for n in tree] == [
+        (0, handle.id, "COMPLETED"),
+        (1, child, "COMPLETED"),
+        (2, grandchild, "COMPLETED"),
+    ]
+
+
+async def test_canceling_a_parent_cancels_its_unfinished_children(
+    client: Client, worker: Worker
+) -> None:
+    handle = await tasks.fan_out.trigger(n=3, seconds=30)
+
+    async def children_started() -> list[str] | None:
+        run = await client.get_run(handle.id)
+        return run.children if run.status is RunStatus.WAITING else None
+
+    children = await eventually(children_started, timeout=20)
+    assert await client.cancel(handle.id) is RunStatus.WAITING
+
+    async def all_canceled() -> bool:
+        states = await client.store.states([handle.id, *children])
+        return all(s is not None and s.status is RunStatus.CANCELED for s in states)
+
+    await eventually(all_canceled, timeout=20)
