@@ -14,6 +14,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "shared")) and _os.path.isfile(
 from conveyor._client import Client, RunHandle
 from conveyor._step import run_step, step
 from conveyor._task import BoundTask, Task, registered_tasks, task
+from conveyor._tokens import Token, create_token, wait_for_token
 from conveyor._waits import Result, sleep, sleep_until
 from conveyor.shared.context import RunInfo, current_run
 from conveyor.shared.errors import (
@@ -30,6 +31,9 @@ from conveyor.shared.errors import (
     RunNotFound,
     StepResultNotSerializable,
     TaskDefinitionError,
+    TokenNotFound,
+    TokenNotPending,
+    TokenTimeout,
     TriggerError,
     TriggerIncomplete,
 )
@@ -62,8 +66,13 @@ __all__ = [
     "StepResultNotSerializable",
     "Task",
     "TaskDefinitionError",
+    "Token",
+    "TokenNotFound",
+    "TokenNotPending",
+    "TokenTimeout",
     "TriggerError",
     "TriggerIncomplete",
+    "create_token",
     "current_run",
     "registered_tasks",
     "run_step",
@@ -71,4 +80,5 @@ __all__ = [
     "sleep_until",
     "step",
     "task",
+    "wait_for_token",
 ]

@@ -20,11 +20,14 @@ from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
 from conveyor.shared.errors import (
     InvalidArguments,
     InvalidOption,
+    InvalidWait,
     PayloadTooLarge,
     PublishFailed,
     ResultTimeout,
     RunFailed,
     RunNotFound,
+    TokenNotFound,
+    TokenNotPending,
     TriggerError,
     TriggerIncomplete,
 )
@@ -33,6 +36,7 @@ from conveyor.shared.models import Run, RunMessage, RunStatus
 from conveyor.shared.names import check_name
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import Created, NewRun, RunStore, decode_any
+from conveyor.shared.waits import WaitResult, woken_message
 
 if TYPE_CHECKING:
     from ._task import Task, TriggerOptions
@@ -363,6 +367,34 @@ class Client:
                 below = await asyncio.gather(*(self.store.children(c) for c in pending))
                 pending = [c for group in below for c in group]
         return RunStatus(previous)
+
+    async def complete_token(self, token_id: str, data: Any = None) -> None:
+        """Complete a wait token with `data` (JSON-compatible): the run waiting for it
+        resumes with the data. A token completes once, and only before its timeout."""
+        try:
+            encoded = msgspec.json.encode(data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidWait(f"token data must be JSON-compatible: {exc}") from exc
+        limit = self.settings.max_payload_bytes
+        if len(encoded) > limit:
+            raise InvalidWait(f"token data is {len(encoded)} bytes, over the limit of {limit}")
+        reply = await self.store.complete_token(token_id, encoded)
+        if reply[0] == b"missing":
+            raise TokenNotFound(token_id)
+        if reply[0] != b"ok":
+            raise TokenNotPending(token_id, reply[0].decode())
+        run_id, step = reply[1].decode(), reply[2].decode()
+        if not run_id or not step:
+            return  # nobody waits yet: the run's wait_for_token will find it completed
+        result = msgspec.json.encode(WaitResult(True, msgspec.Raw(encoded)))
+        woken = await self.store.resolve(run_id, step, token_id, result)
+        if woken is not None:
+            if self._connection is None:
+                await self.connect()
+            message = woken_message(run_id, woken)
+            await self.publisher.publish(
+                [Outgoing(woken.queue, msgspec.json.encode(message), message_id=run_id)]
+            )
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(run_id, self, decode_any)

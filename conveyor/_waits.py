@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
-from conveyor.shared.context import RunContext, current_context
-from conveyor.shared.errors import InvalidWait, RunFailed
+from conveyor.shared.context import RunContext, Start, current_context
+from conveyor.shared.errors import ConveyorError, InvalidWait, RunFailed
 from conveyor.shared.store import NewRun, WaitRequest
 from conveyor.shared.waits import WaitResult, child_run_id, result_decoder
 
@@ -48,6 +48,19 @@ def _child(
     )
 
 
+def _spawner(ctx: RunContext, children: list[NewRun]) -> Start:
+    """Starts the children whose waits are pending."""
+
+    async def start(pending: list[WaitRequest]) -> dict[str, bytes]:
+        if ctx.spawn is None:
+            raise ConveyorError("child runs can only be waited for inside a worker")
+        keys = {r.key for r in pending}
+        await ctx.spawn([c for c in children if c.parent_step in keys])
+        return {}
+
+    return start
+
+
 def _value(task: Task[Any, R], child_id: str, saved: bytes) -> R:
     result = result_decoder.decode(saved)
     if not result.ok:
@@ -59,7 +72,7 @@ async def wait_for_child(
     ctx: RunContext, task: Task[Any, R], key: str, payload: bytes, opts: TriggerOptions
 ) -> R:
     child = _child(ctx, task, key, payload, opts)
-    [saved] = await ctx.wait([WaitRequest(key, "child", child.run_id)], [child])
+    [saved] = await ctx.wait([WaitRequest(key, "child", child.run_id)], _spawner(ctx, [child]))
     return _value(task, child.run_id, saved)
 
 
@@ -72,7 +85,7 @@ async def wait_for_children(
 ) -> list[Result[R]]:
     children = [_child(ctx, task, f"{key}/{i}", p, opts) for i, p in enumerate(payloads)]
     requests = [WaitRequest(c.parent_step or "", "child", c.run_id) for c in children]
-    saved = await ctx.wait(requests, children)
+    saved = await ctx.wait(requests, _spawner(ctx, children))
     results: list[Result[R]] = []
     for raw in saved:
         outcome: WaitResult = result_decoder.decode(raw)
@@ -95,7 +108,7 @@ async def sleep(duration: float | timedelta) -> None:
         await asyncio.sleep(seconds)
         return
     key = ctx.step_key("sleep")
-    await ctx.wait([WaitRequest(key, "sleep", delay_ms=int(seconds * 1000))], [])
+    await ctx.wait([WaitRequest(key, "sleep", delay_ms=int(seconds * 1000))])
 
 
 async def sleep_until(moment: datetime) -> None:
@@ -110,4 +123,4 @@ async def sleep_until(moment: datetime) -> None:
         await asyncio.sleep(max(0.0, moment.timestamp() - datetime.now().timestamp()))
         return
     key = ctx.step_key("sleep_until")
-    await ctx.wait([WaitRequest(key, "sleep", until_ms=max(1, until_ms))], [])
+    await ctx.wait([WaitRequest(key, "sleep", until_ms=max(1, until_ms))])

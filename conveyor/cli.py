@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--timeout", type=float, default=None, help="seconds to wait with --wait")
     trigger.add_argument("--json", action="store_true", help="machine-readable output")
 
+    tokens = sub.add_parser("tokens", help="wait tokens: complete one")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    complete = tokens_sub.add_parser("complete", help="complete a token; its run resumes")
+    complete.add_argument("token_id", metavar="TOKEN_ID")
+    complete.add_argument("--data", default="null", help="JSON the waiting run receives")
     runs = sub.add_parser("runs", help="inspect runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     show = runs_sub.add_parser("show", help="one run with its attempts and steps")
@@ -238,6 +243,14 @@ async def _client_command(args: argparse.Namespace) -> int:
                 _out(args, _run_dict(run), _run_text(run))
                 return 1
             _out(args, {"id": handle.id, "status": "COMPLETED", "output": output}, _json(output))
+            return 0
+        if args.command == "tokens":
+            try:
+                data = msgspec.json.decode(args.data)
+            except msgspec.DecodeError as exc:
+                raise ConveyorError(f"--data is not valid JSON: {exc}") from exc
+            await client.complete_token(args.token_id, data)
+            print(f"token {args.token_id} completed")
             return 0
         if args.runs_command == "show":
             run = await client.get_run(args.run_id)

@@ -26,6 +26,8 @@ class RunInfo(msgspec.Struct, frozen=True):
 
 # Starts child runs for a waiting step: creates those not created yet and publishes them.
 Spawn = Callable[[list[NewRun]], Awaitable[None]]
+# Begins what pending waits wait for; returns the outcomes of those found over meanwhile.
+Start = Callable[[list[WaitRequest]], Awaitable[dict[str, bytes]]]
 # Stops the attempt from inside: the run was lost, or all it does is wait.
 Stop = Callable[[Literal["lost", "suspend"]], None]
 
@@ -151,10 +153,11 @@ class RunContext:
             return decoder_for(result_type).decode(stands)
         return result
 
-    async def wait(self, requests: list[WaitRequest], children: list[NewRun]) -> list[bytes]:
+    async def wait(self, requests: list[WaitRequest], start: Start | None = None) -> list[bytes]:
         """The saved outcomes of these waits (WaitResult JSON), once all are over. Until
-        then it records them (and starts the `children` they wait for) and never returns:
-        when nothing else in the run is under way, the attempt is suspended."""
+        then it records them, lets `start` begin what the pending ones wait for (it
+        returns the outcomes of any found over meanwhile), and never returns: when nothing
+        else in the run is under way, the attempt is suspended."""
         if self.gone is not None:
             raise self.gone
         known = [self.checkpoints.get(r.key) for r in requests]
@@ -164,23 +167,21 @@ class RunContext:
         self._busy += 1
         try:
             states = await self.store.wait(self.info.id, self.worker, self.info.attempt, requests)
-            over = {r.key for r, st in zip(requests, states, strict=True) if st.result is not None}
-            waiting_for = [c for c in children if c.parent_step not in over]
-            if waiting_for:
-                if self.spawn is None:
-                    raise ConveyorError("child runs can only be waited for inside a worker")
-                await self.spawn(waiting_for)
+            results = {r.key: st.result for r, st in zip(requests, states, strict=True)}
+            pending = [r for r in requests if results[r.key] is None]
+            if pending and start is not None:
+                results.update(await start(pending))
         except RunLost as exc:
             self._lose(exc)
             raise
         finally:
             self._busy -= 1
-        results = [st.result for st in states]
-        if all(r is not None for r in results):
-            for r, st in zip(requests, states, strict=True):
-                assert st.result is not None
-                self.checkpoints[r.key] = st.result
-            return [r for r in results if r is not None]
+        over = [results[r.key] for r in requests]
+        if all(o is not None for o in over):
+            done = [o for o in over if o is not None]
+            for r, o in zip(requests, done, strict=True):
+                self.checkpoints[r.key] = o
+            return done
         self._pending += 1
         self._suspend_when_idle()
         # Never set: the suspension cancels the attempt while it waits here.

@@ -142,6 +142,30 @@ class InvalidWait(ConveyorError, ValueError):
     """A sleep or wait asked for something that cannot be waited for."""
 
 
+class TokenTimeout(ConveyorError, TimeoutError):
+    """Raised in a task by wait_for_token when the token was not completed in time."""
+
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"token {token_id} was not completed before its timeout")
+        self.token_id = token_id
+
+
+class TokenNotFound(ConveyorError):
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"no token {token_id!r} in this namespace (wrong id, or it expired)")
+        self.token_id = token_id
+
+
+class TokenNotPending(ConveyorError):
+    """A token can be completed once, and only before its timeout."""
+
+    def __init__(self, token_id: str, status: str) -> None:
+        what = "was completed already" if status == "COMPLETED" else "timed out"
+        super().__init__(f"token {token_id} {what}: it cannot be completed again")
+        self.token_id = token_id
+        self.status = status
+
+
 class NonRetryableError(ConveyorError):
     """Raise from task code to fail the run at once, skipping the remaining retries."""
 

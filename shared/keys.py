@@ -32,6 +32,10 @@ class Keys:
         """The runs a run triggered, in order."""
         return f"{self.namespace}:{{{run_id}}}:children"
 
+    def token(self, token_id: str) -> str:
+        """A wait token: who waits for it, its expiry, and its data once completed."""
+        return f"{self.namespace}:{{{token_id}}}:token"
+
     def idempotency(self, task_id: str, key: str) -> str:
         return f"{self.namespace}:idem:{task_id}:{key}"
 

@@ -72,7 +72,7 @@ class Lineage(msgspec.Struct, frozen=True, gc=False):
 
 
 class Claim(msgspec.Struct, frozen=True):
-    kind: Literal["run", "drop", "busy", "early", "crashed", "missing", "alone"]
+    kind: Literal["run", "drop", "busy", "early", "crashed", "missing", "alone", "tokens"]
     attempt: int = 0
     failures: int = 0
     crashes: int = 0
@@ -83,6 +83,8 @@ class Claim(msgspec.Struct, frozen=True):
     # A dropped child run's end, for its parent (claim.lua 'drop'): output and error.
     output: bytes = b""
     error: str = ""
+    # 'tokens': (step key, token id) of the waits on tokens past their timeout.
+    tokens: list[tuple[str, str]] = msgspec.field(default_factory=list)
 
 
 class WaitRequest(msgspec.Struct, frozen=True, gc=False):
@@ -174,6 +176,9 @@ class RunStore:
                 "wait",
                 "suspend",
                 "resolve",
+                "token_create",
+                "token_wait",
+                "token_complete",
             ],
         )
         # Set by a worker: claim, checkpoint and finish then wait there while Redis is
@@ -340,6 +345,9 @@ class RunStore:
             )
         if kind in ("busy", "early"):
             return Claim(kind, wait_ms=int(reply[1]))
+        if kind == "tokens":
+            pairs = [(reply[i].decode(), reply[i + 1].decode()) for i in range(1, len(reply), 2)]
+            return Claim("tokens", tokens=pairs)
         if kind == "missing":
             return Claim("missing")
         if kind == "alone":
@@ -478,6 +486,29 @@ class RunStore:
             return None
         task, queue, payload, tags = reply[1:5]
         return Woken(task.decode(), queue.decode(), payload, _tags_decoder.decode(tags))
+
+    async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
+        """Create a wait token (token_create.lua); its expiry, epoch ms. Creating it again
+        under the same id returns the first expiry."""
+        expires: int = await self.scripts.call(
+            "token_create", [self.keys.token(token_id)], [run_id, timeout_ms, self._run_ttl]
+        )
+        return expires
+
+    async def token_wait(self, token_id: str, run_id: str, step_key: str) -> list[bytes]:
+        """Tell the token which run's step waits for it (token_wait.lua): ['pending'],
+        ['COMPLETED', data], ['TIMED_OUT'] or ['missing']."""
+        reply: list[bytes] = await self.scripts.call(
+            "token_wait", [self.keys.token(token_id)], [run_id, step_key]
+        )
+        return reply
+
+    async def complete_token(self, token_id: str, data: bytes) -> list[bytes]:
+        """Complete a token once (token_complete.lua): ['ok', run, step] or why not."""
+        reply: list[bytes] = await self.scripts.call(
+            "token_complete", [self.keys.token(token_id)], [data]
+        )
+        return reply
 
     async def children(self, run_id: str) -> list[str]:
         """The runs this run triggered, in order (waited for or not)."""

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from .errors import TokenNotFound
 from .models import RunMessage, RunStatus
 from .store import RunStore, Woken
 
@@ -67,3 +68,21 @@ async def notify_parent(
     woken = await store.resolve(parent, parent_step, child_id, result)
     if woken is not None:
         await publish(woken.queue, woken_message(parent, woken))
+
+
+async def token_outcome(store: RunStore, token_id: str, run_id: str, key: str) -> bytes | None:
+    """Tell the token that this run's step waits for it; its outcome if it is over (it
+    times out now if its timeout has passed), else None."""
+    reply = await store.token_wait(token_id, run_id, key)
+    if reply[0] == b"missing":
+        raise TokenNotFound(token_id)
+    if reply[0] == b"pending":
+        return None
+    if reply[0] == b"COMPLETED":
+        return _encoder.encode(WaitResult(True, msgspec.Raw(reply[1])))
+    return timed_out(token_id)
+
+
+def timed_out(token_id: str) -> bytes:
+    """The outcome of a wait on a token that was not completed in time."""
+    return _encoder.encode(WaitResult(False, status="TIMED_OUT", error=f"token {token_id}"))

@@ -20,11 +20,14 @@ from conveyor import (
     NonRetryableError,
     Retry,
     RunFailed,
+    TokenTimeout,
+    create_token,
     current_run,
     run_step,
     sleep,
     step,
     task,
+    wait_for_token,
 )
 from conveyor.shared.context import current_context
 
@@ -392,3 +395,17 @@ async def _now() -> float:
 
 ALL += [double, flaky_double, gather_doubles, fan_out, slow_double, catch_child_failure]
 ALL += [middle, top, dozer]
+
+
+@task(id="approval", retry=Retry(max_attempts=1))
+async def approval(timeout: float) -> dict[str, object]:
+    token = await create_token(timeout=timeout)
+    await run_step("announce", record, f"token:{token.id}")
+    try:
+        data = await wait_for_token(token)
+    except TokenTimeout:
+        return {"timed_out": True}
+    return {"data": data}
+
+
+ALL += [approval]

@@ -158,3 +158,60 @@ async def test_canceling_a_parent_cancels_its_unfinished_children(
         return all(s is not None and s.status is RunStatus.CANCELED for s in states)
 
     await eventually(all_canceled, timeout=20)
+
+
+async def _announced_token(settings: Settings, run_id: str) -> str:
+    async def announced() -> str | None:
+        events = [e for e in await trace(settings, run_id) if e.startswith("token:")]
+        return events[0].split(":", 1)[1].rsplit("@", 1)[0] if events else None
+
+    token_id: str = await eventually(announced, timeout=20)
+    return token_id
+
+
+async def test_a_completed_token_resumes_its_run_with_the_data(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    from conveyor import TokenNotFound, TokenNotPending
+
+    handle = await tasks.approval.trigger(timeout=60)
+    token_id = await _announced_token(settings, handle.id)
+
+    async def waiting() -> bool:
+        return (await client.get_run(handle.id)).status is RunStatus.WAITING
+
+    await eventually(waiting, timeout=20)
+    await client.complete_token(token_id, {"approved": True})
+    assert await handle.result(timeout=20) == {"data": {"approved": True}}
+    with pytest.raises(TokenNotPending, match="completed already"):
+        await client.complete_token(token_id, {"approved": False})
+    with pytest.raises(TokenNotFound, match="no token 'tok_nope'"):
+        await client.complete_token("tok_nope", 1)
+
+
+async def test_a_token_not_completed_in_time_raises_token_timeout_in_the_task(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    from conveyor import TokenNotPending
+
+    handle = await tasks.approval.trigger(timeout=1.5)
+    token_id = await _announced_token(settings, handle.id)
+    assert await handle.result(timeout=20) == {"timed_out": True}
+    with pytest.raises(TokenNotPending, match="timed out"):
+        await client.complete_token(token_id, "late")
+
+
+async def test_tokens_complete_from_the_cli(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    from tests.test_cli import conveyor
+
+    handle = await tasks.approval.trigger(timeout=60)
+    token_id = await _announced_token(settings, handle.id)
+    done = await conveyor(settings, "tokens", "complete", token_id, "--data", '{"ok": 1}')
+    assert done.code == 0, done.err
+    assert await handle.result(timeout=20) == {"data": {"ok": 1}}
+    again = await conveyor(settings, "tokens", "complete", token_id, "--data", "2")
+    assert again.code == 1 and "completed already" in again.err
+    bad = await conveyor(settings, "tokens", "complete", token_id, "--data", "{")
+    assert bad.code == 1 and "--data is not valid JSON" in bad.err

@@ -40,12 +40,17 @@ from conveyor.shared.availability import (
     is_redis_unavailable,
 )
 from conveyor.shared.context import RunContext, RunInfo
-from conveyor.shared.errors import ConfigurationError, ServiceUnavailable, describe
+from conveyor.shared.errors import (
+    ConfigurationError,
+    ServiceUnavailable,
+    TokenNotFound,
+    describe,
+)
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.settings import Settings, redact
 from conveyor.shared.store import Created, Lineage, NewRun, RunStore
-from conveyor.shared.waits import child_result, notify_parent
+from conveyor.shared.waits import child_result, notify_parent, timed_out, token_outcome
 
 from .admission import Admission
 from .delivery import Acks, Delivery
@@ -373,6 +378,12 @@ class Worker:
                 return
         claimed_at = time.monotonic()
         claim = await self.admission.claim(msg.id)
+        if claim.kind == "tokens":
+            # Waits on tokens past their timeout: each token says how it ended, then the
+            # run is claimed again (it runs if that was all it waited for).
+            await self._end_token_waits(msg.id, claim.tokens)
+            claimed_at = time.monotonic()
+            claim = await self.admission.claim(msg.id)
         if claim.kind == "missing":
             # Triggered straight through the broker (wire format): the run starts here.
             new = NewRun(msg.id, msg.task, queue, payload, msg.tags, msg.idempotency_key, 0)
@@ -407,6 +418,15 @@ class Worker:
                 claimed_at,
                 claim.lineage,
             )
+
+    async def _end_token_waits(self, run_id: str, waits: list[tuple[str, str]]) -> None:
+        for key, token_id in waits:
+            try:
+                result = await token_outcome(self.store, token_id, run_id, key)
+            except TokenNotFound:  # expired with its key: the wait timed out
+                result = timed_out(token_id)
+            if result is not None:
+                await self.store.resolve(run_id, key, token_id, result)
 
     async def _notify_parent(self, lineage: Lineage, child_id: str, result: bytes) -> None:
         await self.redis_gate.call(

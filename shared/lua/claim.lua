@@ -6,6 +6,7 @@
 -- Returns {'run', attempt, failures, crashes, parent, parent step, root, checkpoints...}
 --       | {'drop', status[, parent, parent step, output, error]}
 --       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'} | {'alone', crashes}
+--       | {'tokens', step key, token id, ...} (a WAITING run's tokens past their timeout)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
@@ -25,7 +26,7 @@ end
 if status == 'WAITING' then
   -- Woken by a timer (or a stray copy of its message): sleeps that are due are over.
   local waits = redis.call('HGETALL', KEYS[3])
-  local first, left = 0, 0
+  local first, left, tokens = 0, 0, {'tokens'}
   for i = 1, #waits, 2 do
     local w = cjson.decode(waits[i + 1])
     local untl = tonumber(w['until'])
@@ -35,14 +36,22 @@ if status == 'WAITING' then
     else
       left = left + 1
       if untl > 0 and (first == 0 or untl < first) then first = untl end
+      -- A token past its timeout: the token (in its own slot) decides whether it timed
+      -- out or was completed just before; the worker asks it and claims again.
+      if w.kind == 'token' and untl <= now then
+        tokens[#tokens + 1] = waits[i]
+        tokens[#tokens + 1] = w.ref
+      end
     end
   end
+  if #tokens > 1 then return tokens end
   if left > 0 then
     if first > now then return {'early', first - now} end
     return {'drop', 'WAITING'}
   end
-  redis.call('HSET', KEYS[1], 'status', 'QUEUED')
+  redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'not_before', 0)
   status = 'QUEUED'
+  r[3] = false
 end
 local crashes = tonumber(r[5] or '0')
 -- Checkpoints and the answer for an attempt that has started.

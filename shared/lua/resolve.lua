@@ -10,7 +10,8 @@ if not raw or cjson.decode(raw)['ref'] ~= ARGV[2] then return {'ok'} end
 redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if r[1] == 'WAITING' and redis.call('HLEN', KEYS[3]) == 0 then
-  redis.call('HSET', KEYS[1], 'status', 'QUEUED')
+  -- not_before held the earliest timer of the waits (for the reaper): nothing waits now.
+  redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'not_before', 0)
   return {'wake', r[2], r[3], r[4], r[5] or '[]'}
 end
 return {'ok'}
