@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
 from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
+from conveyor.shared.context import current_context
 from conveyor.shared.errors import (
     InvalidArguments,
     InvalidOption,
@@ -202,8 +203,21 @@ class Client:
             await self.connect()
         if queue not in self.topology.declared_queues:
             await self.publisher.ensure_queue(queue)
+        # Triggered inside a run: a child run, recorded under it (for its tree and cancel).
+        ctx = current_context()
+        parent, root = (ctx.info.id, ctx.root) if ctx is not None else (None, None)
         runs = [
-            NewRun(new_run_id(), task_id, queue, body, opts.tags, opts.idempotency_key, delay_ms)
+            NewRun(
+                new_run_id(),
+                task_id,
+                queue,
+                body,
+                opts.tags,
+                opts.idempotency_key,
+                delay_ms,
+                parent=parent,
+                root=root,
+            )
             for body in payloads
         ]
         # One budget for the whole trigger: recording the runs and getting their confirms.
@@ -217,6 +231,8 @@ class Client:
             )
             # Answered before returning, so the runs can be read at once.
             await self._created(runs, creating, deadline, published=True)
+            if parent is not None:
+                await self.store.add_child(parent, [run.run_id for run in runs])
             return [RunHandle(run.run_id, self, decode) for run in runs]
         created = await self._created(runs, self.store.create(runs), deadline, published=False)
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
@@ -227,6 +243,8 @@ class Client:
         hits = [c.run_id for c in created if not c.created]
         if hits:
             await self._republish_unstarted(hits)
+        if parent is not None and fresh:
+            await self.store.add_child(parent, [run.run_id for run in fresh])
         return [RunHandle(c.run_id, self, decode) for c in created]
 
     async def _republish_unstarted(self, run_ids: list[str]) -> None:

@@ -22,6 +22,9 @@ class RunInfo(msgspec.Struct, frozen=True):
     id: str
     task_id: str
     attempt: int
+    # Inside a step: a key for the step's side effects, the same on every attempt of the
+    # run, to pass to an API that takes an idempotency key (a payment, an email).
+    step_idempotency_key: str | None = None
 
 
 # Starts child runs for a waiting step: creates those not created yet and publishes them.
@@ -125,6 +128,7 @@ class RunContext:
     ) -> Any:
         attempt = 1
         while True:
+            step = _step.set(key)
             try:
                 result = fn(*args, **kwargs)
                 if inspect.isawaitable(result):
@@ -137,6 +141,8 @@ class RunContext:
                     raise
                 await asyncio.sleep(retry.delay(attempt))
                 attempt += 1
+            finally:
+                _step.reset(step)
         try:
             encoded = msgspec.json.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -211,6 +217,8 @@ class RunContext:
 
 
 _current: ContextVar[RunContext | None] = ContextVar("conveyor_run", default=None)
+# The key of the step whose function is running (in its task's context).
+_step: ContextVar[str | None] = ContextVar("conveyor_step", default=None)
 
 
 def current_context() -> RunContext | None:
@@ -226,4 +234,7 @@ def current_run() -> RunInfo:
     ctx = _current.get()
     if ctx is None:
         raise ConveyorError("current_run() was called outside a conveyor run")
-    return ctx.info
+    step = _step.get()
+    if step is None:
+        return ctx.info
+    return msgspec.structs.replace(ctx.info, step_idempotency_key=f"{ctx.info.id}:{step}")

@@ -409,3 +409,30 @@ async def approval(timeout: float) -> dict[str, object]:
 
 
 ALL += [approval]
+
+
+async def _charge() -> str | None:
+    key = current_run().step_idempotency_key
+    await record(f"charge:{key}")
+    if current_run().attempt == 1:
+        raise RuntimeError("the payment API timed out (it may have charged)")
+    return key
+
+
+@task(id="pay", retry=Retry(max_attempts=2, min_delay=0.1, jitter=False))
+async def pay() -> dict[str, str | None]:
+    outside = current_run().step_idempotency_key
+    inside = await run_step("charge", _charge)
+    return {"outside": outside, "inside": inside}
+
+
+ALL += [pay]
+
+
+@task(id="spawner", retry=Retry(max_attempts=1))
+async def spawner() -> str:
+    handle = await echo.trigger(value="child")
+    return handle.id
+
+
+ALL += [spawner]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,3 +216,88 @@ async def test_tokens_complete_from_the_cli(
     assert again.code == 1 and "completed already" in again.err
     bad = await conveyor(settings, "tokens", "complete", token_id, "--data", "{")
     assert bad.code == 1 and "--data is not valid JSON" in bad.err
+
+
+async def test_a_steps_idempotency_key_is_the_same_on_every_attempt(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    handle = await tasks.pay.trigger()
+    key = f"{handle.id}:charge#0"
+    assert await handle.result(timeout=20) == {"outside": None, "inside": key}
+    assert await trace(settings, handle.id) == [f"charge:{key}@1", f"charge:{key}@2"]
+
+
+async def test_a_run_triggered_inside_a_run_is_recorded_as_its_child(
+    client: Client, worker: Worker
+) -> None:
+    handle = await tasks.spawner.trigger()
+    child = await handle.result(timeout=20)
+    assert await client.handle(child).result(timeout=20) == "child"
+    assert (await client.get_run(handle.id)).children == [child]
+    run = await client.get_run(child)
+    assert (run.parent, run.root) == (handle.id, handle.id)
+
+
+async def test_a_parent_waiting_on_1000_children_over_two_worker_processes(
+    client: Client, settings: Settings, spawn_worker: Any
+) -> None:
+    spawn_worker("--concurrency", "50")
+    spawn_worker("--concurrency", "50")
+    await wait_for_consumers(settings, "fan-out", 2)
+    handle = await tasks.fan_out.trigger(n=1000)
+    assert await handle.result(timeout=120) == sum(2 * i for i in range(1000))
+    run = await client.get_run(handle.id)
+    assert len(run.children) == 1000
+    assert [a.status for a in run.attempts] == ["WAITING", "COMPLETED"]
+
+
+async def test_a_worker_restart_neither_shortens_nor_lengthens_a_sleep(
+    client: Client, settings: Settings, spawn_worker: Any
+) -> None:
+    first = spawn_worker()
+    await wait_for_consumers(settings, "dozer", 1)
+    handle = await tasks.dozer.trigger(seconds=4.0)
+
+    async def asleep() -> bool:
+        return (await client.get_run(handle.id)).status is RunStatus.WAITING
+
+    await eventually(asleep, timeout=20)
+    first.kill()
+    first.proc.wait()
+    await asyncio.sleep(1.0)
+    spawn_worker()
+    slept = await handle.result(timeout=30)
+    assert 4.0 <= slept < 5.0, slept
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+async def test_10000_sleeping_runs_use_no_worker_memory(
+    client: Client, settings: Settings, spawn_worker: Any
+) -> None:
+    worker = spawn_worker("--concurrency", "100")
+    await wait_for_consumers(settings, "dozer", 1)
+    # Warm up (imports, connections, the first runs' allocations) before the baseline.
+    warm = await tasks.dozer.batch_trigger([{"seconds": 0.0}] * 200)
+    for h in warm:
+        await h.result(timeout=30)
+    before = _rss_mb(worker.proc.pid)
+    handles = []
+    for _ in range(20):
+        handles += await tasks.dozer.batch_trigger([{"seconds": 600.0}] * 500)
+    ids = [h.id for h in handles]
+
+    async def all_asleep() -> bool:
+        states = await client.store.states(ids)
+        return all(s is not None and s.status is RunStatus.WAITING for s in states)
+
+    await eventually(all_asleep, timeout=180, interval=1.0)
+    after = _rss_mb(worker.proc.pid)
+    print(f"worker RSS {before:.1f} MB before, {after:.1f} MB with 10,000 runs asleep")
+    # A run held in the worker would cost kilobytes each: tens of megabytes for 10,000.
+    assert after - before < 15, f"RSS grew {after - before:.1f} MB with 10,000 sleeping runs"
