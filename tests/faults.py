@@ -5,7 +5,9 @@ Also hooks for worker processes, `conveyor worker tests.tasks tests.faults` with
   is written to Redis and before the message is acked: the narrowest "done but not acked"
   window;
 - CONVEYOR_TEST_DELIVERIES=<file>: appends each delivery's `x-delivery-count` (0 for a first
-  delivery) to the file, one per line, so a test can see how often messages came back.
+  delivery) to the file, one per line, so a test can see how often messages came back;
+- CONVEYOR_TEST_LOSE_WAKEUPS=1: the messages that wake a waiting run (a parent whose last
+  child ended, a sleep's timer) are never published, as if each were lost.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.tasks import trace_key
 
 KILL_AFTER_FINISH = "CONVEYOR_TEST_KILL_AFTER_FINISH"
 DELIVERIES = "CONVEYOR_TEST_DELIVERIES"
+LOSE_WAKEUPS = "CONVEYOR_TEST_LOSE_WAKEUPS"
 
 
 def _install_kill_after_finish() -> None:
@@ -56,6 +59,15 @@ def _install_delivery_log(path: str) -> None:
     Delivery.__init__ = logged  # type: ignore[method-assign]
 
 
+def _install_lost_wakeups() -> None:
+    from conveyor.worker.worker import Worker
+
+    async def lost(self: Worker, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    Worker._publish_message = lost  # type: ignore[method-assign]
+
+
 def delivery_counts(path: str) -> list[int]:
     """What a worker with the CONVEYOR_TEST_DELIVERIES hook wrote."""
     with open(path) as log:
@@ -66,6 +78,8 @@ if os.environ.get(KILL_AFTER_FINISH) == "1":
     _install_kill_after_finish()
 if os.environ.get(DELIVERIES):
     _install_delivery_log(os.environ[DELIVERIES])
+if os.environ.get(LOSE_WAKEUPS) == "1":
+    _install_lost_wakeups()
 
 
 async def trace(settings: Settings, run_id: str) -> list[str]:

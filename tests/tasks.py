@@ -436,3 +436,16 @@ async def spawner() -> str:
 
 
 ALL += [spawner]
+
+
+@task(id="middle-slow", retry=Retry(max_attempts=1))
+async def middle_slow(seconds: float) -> int:
+    return await slow_double.trigger_and_wait(x=1, seconds=seconds)
+
+
+@task(id="top-slow", retry=Retry(max_attempts=1))
+async def top_slow(seconds: float) -> int:
+    return await middle_slow.trigger_and_wait(seconds=seconds)
+
+
+ALL += [middle_slow, top_slow]

@@ -16,7 +16,7 @@ from conveyor.shared.waits import child_run_id
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import eventually
-from tests.faults import trace, wait_for_consumers
+from tests.faults import LOSE_WAKEUPS, trace, wait_for_consumers
 
 
 async def test_gathered_children_run_in_parallel_and_each_runs_once(
@@ -301,3 +301,37 @@ async def test_10000_sleeping_runs_use_no_worker_memory(
     print(f"worker RSS {before:.1f} MB before, {after:.1f} MB with 10,000 runs asleep")
     # A run held in the worker would cost kilobytes each: tens of megabytes for 10,000.
     assert after - before < 15, f"RSS grew {after - before:.1f} MB with 10,000 sleeping runs"
+
+
+async def test_waiting_runs_whose_wakeups_are_lost_are_woken_by_the_reaper(
+    client: Client, settings: Settings, spawn_worker: Any, spawn_scheduler: Any
+) -> None:
+    spawn_worker("tests.faults", env={LOSE_WAKEUPS: "1"})
+    spawn_scheduler()
+    await wait_for_consumers(settings, "gather-doubles", 1)
+    parent = await tasks.gather_doubles.trigger()  # woken by its last child's end
+    sleeper = await tasks.dozer.trigger(seconds=1.0)  # woken by its timer's message
+    assert await parent.result(timeout=30) == [2, 4, 6]
+    slept = await sleeper.result(timeout=30)
+    # Late by the reaper's bound (reap_after 1 s, a pass every 0.3 s here), not lost.
+    assert 1.0 <= slept < 10.0, slept
+
+
+async def test_canceling_the_top_of_a_tree_cancels_the_rest(
+    client: Client, worker: Worker, settings: Settings
+) -> None:
+    handle = await tasks.top_slow.trigger(seconds=30)
+    middle = child_run_id(handle.id, "trigger_and_wait:middle-slow#0")
+    bottom = child_run_id(middle, "trigger_and_wait:slow-double#0")
+
+    async def bottom_running() -> bool:
+        return bool(await trace(settings, bottom))
+
+    await eventually(bottom_running, timeout=20)
+    await client.cancel(handle.id)
+
+    async def all_canceled() -> bool:
+        states = await client.store.states([handle.id, middle, bottom])
+        return all(s is not None and s.status is RunStatus.CANCELED for s in states)
+
+    await eventually(all_canceled, timeout=20)
