@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import AMQPError
 
 from conveyor import Settings
 from conveyor.broker.delay import LEVELS
@@ -41,6 +43,28 @@ async def on_ladder(channel: aio_pika.abc.AbstractChannel, names: Names) -> int:
     return waiting
 
 
+async def _consuming(
+    settings: Settings, consume: Callable[[AbstractIncomingMessage], Awaitable[None]]
+) -> AbstractConnection:
+    """A connection consuming the work queue. Just after a broker (re)start RabbitMQ 3.10
+    may refuse basic.consume with INTERNAL_ERROR while the queue's leader is being
+    elected: tried again for a while."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        connection = await aio_pika.connect(settings.amqp_url)
+        try:
+            channel = await connection.channel()
+            # Declared again as the publisher did, which also shows the queues came back.
+            work = await Topology(settings).declare_queue(channel, QUEUE)
+            await work.consume(consume, no_ack=True)
+            return connection
+        except AMQPError:
+            await connection.close()
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def arrivals(
     settings: Settings, expected: set[str], *, quiet: float = QUIET
 ) -> tuple[Counter[str], int, int]:
@@ -57,12 +81,9 @@ async def arrivals(
         arrived[message.message_id or ""] += 1
         last_arrival = loop.time()
 
-    connection = await aio_pika.connect(settings.amqp_url)
+    connection = await _consuming(settings, consume)
     async with connection:
         channel = await connection.channel()
-        # Declared again as the publisher did, which also shows the queues came back.
-        work = await Topology(settings).declare_queue(channel, QUEUE)
-        await work.consume(consume, no_ack=True)
         deadline = loop.time() + ARRIVAL_TIMEOUT
         while loop.time() < deadline and not expected <= arrived.keys():
             await asyncio.sleep(0.5)

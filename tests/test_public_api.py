@@ -15,9 +15,11 @@ PUBLIC = [
     "ConveyorError",
     "InvalidArguments",
     "InvalidOption",
+    "InvalidWait",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
+    "Result",
     "ResultTimeout",
     "Retry",
     "Run",
@@ -30,13 +32,21 @@ PUBLIC = [
     "StepResultNotSerializable",
     "Task",
     "TaskDefinitionError",
+    "Token",
+    "TokenNotFound",
+    "TokenNotPending",
+    "TokenTimeout",
     "TriggerError",
     "TriggerIncomplete",
+    "create_token",
     "current_run",
     "registered_tasks",
     "run_step",
+    "sleep",
+    "sleep_until",
     "step",
     "task",
+    "wait_for_token",
 ]
 
 # The names the issue's API section promises; the docs and examples use exactly these.
@@ -49,6 +59,13 @@ PROMISED = [
     "RunFailed",
     "Client",
     "current_run",
+    # child runs and waits (issue 9)
+    "sleep",
+    "sleep_until",
+    "create_token",
+    "wait_for_token",
+    "TokenTimeout",
+    "Result",
 ]
 
 
@@ -95,3 +112,4 @@ def test_error_hierarchy() -> None:
         assert issubclass(child, c.TriggerError)
     assert issubclass(c.StepResultNotSerializable, c.NonRetryableError)
     assert issubclass(c.ResultTimeout, TimeoutError)
+    assert issubclass(c.TokenTimeout, TimeoutError)
