@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -112,25 +113,19 @@ class RunContext:
             return decoder_for(result_type).decode(saved)
         self._busy += 1
         try:
-            return await self._run_step(key, result_type, retry, fn, args, kwargs)
+            result = await self._call(key, retry, functools.partial(fn, *args, **kwargs))
+            return await self._save(key, result_type, result)
         finally:
             self._busy -= 1
             self._suspend_when_idle()
 
-    async def _run_step(
-        self,
-        key: str,
-        result_type: Any,
-        retry: Retry | None,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+    async def _call(self, key: str, retry: Retry | None, fn: Callable[[], Any]) -> Any:
+        """The step's function, retried in process by `retry`."""
         attempt = 1
         while True:
             step = _step.set(key)
             try:
-                result = fn(*args, **kwargs)
+                result = fn()
                 if inspect.isawaitable(result):
                     result = await result
                 break
@@ -143,6 +138,10 @@ class RunContext:
                 attempt += 1
             finally:
                 _step.reset(step)
+        return result
+
+    async def _save(self, key: str, result_type: Any, result: Any) -> Any:
+        """Checkpoint a step's result; the result that stands (saved first wins)."""
         try:
             encoded = msgspec.json.encode(result)
         except (TypeError, ValueError, OverflowError) as exc:

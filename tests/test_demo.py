@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import aio_pika
 import redis.asyncio as aioredis
@@ -17,12 +18,13 @@ from tests.conftest import ROOT, Services
 DEMO = ROOT / "examples" / "video_pipeline.py"
 
 
-def run_demo(services: Services) -> subprocess.CompletedProcess[str]:
+def run_demo(services: Services, path: Path = DEMO) -> subprocess.CompletedProcess[str]:
+    """Run an example as its README command does, against the test's services."""
     env = dict(os.environ)
     env.update(CONVEYOR_AMQP_URL=services.amqp_url, CONVEYOR_REDIS_URL=services.redis_url)
     env.pop("CONVEYOR_NAMESPACE", None)
     return subprocess.run(
-        [sys.executable, str(DEMO)],
+        [sys.executable, str(path)],
         env=env,
         cwd=str(ROOT),
         capture_output=True,

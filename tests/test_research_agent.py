@@ -4,31 +4,14 @@ tool retried, a sleep between rounds, and an approval token completed through th
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 
 from tests.conftest import ROOT, Services
-from tests.test_demo import assert_namespace_gone
-
-
-def _run(services: Services) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.update(CONVEYOR_AMQP_URL=services.amqp_url, CONVEYOR_REDIS_URL=services.redis_url)
-    env.pop("CONVEYOR_NAMESPACE", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "research_agent.py")],
-        env=env,
-        cwd=str(ROOT),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.test_demo import assert_namespace_gone, run_demo
 
 
 async def test_the_research_agent_demo(services: Services) -> None:
-    done = await asyncio.to_thread(_run, services)
+    done = await asyncio.to_thread(run_demo, services, ROOT / "examples" / "research_agent.py")
     out = done.stdout
     assert done.returncode == 0, f"demo failed:\n{out}\n{done.stderr}"
     assert re.search(r"^token tok_\w+ completed$", out, re.M), out
