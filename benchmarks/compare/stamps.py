@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 RECORD = struct.Struct("dd")
@@ -38,9 +39,9 @@ def record(tag: float) -> None:
     os.write(_fd, RECORD.pack(tag, time.time()))
 
 
-def record_collected(values: list[object], count: int) -> None:
+def record_collected(values: Sequence[object], count: int) -> None:
     """A fan-out parent holds its children's results: child i returned i."""
-    record(FANOUT_END if values == list(range(count)) else FANOUT_WRONG)
+    record(FANOUT_END if list(values) == list(range(count)) else FANOUT_WRONG)
 
 
 class Reader:
