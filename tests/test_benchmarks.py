@@ -49,6 +49,7 @@ async def test_every_scenario_runs_for_every_system(services: Services, tmp_path
         assert ("drain", system, "1 worker") in measured
         assert ("drain", system, "2 workers") in measured
         assert ("chain", system, "1 worker") in measured
+        assert ("fanout", system, "1 worker") in measured
         assert any(s == "latency" and name == system for s, name, _ in measured)
     for peer in PEERS:
         assert ("drain", peer, "1 worker, result backend") in measured
@@ -56,11 +57,20 @@ async def test_every_scenario_runs_for_every_system(services: Services, tmp_path
         assert ("raw-amqp", "aio-pika", queue_type) in measured
         assert ("latency", "aio-pika", queue_type) in measured
     assert ("raw-redis", "redis-py", "pipelined HSET") in measured
-    assert any("fan-out" in reason for reason in data["skipped"])
+    fanouts = [r["figures"] for r in data["results"] if r["scenario"] == "fanout"]
+    assert all(f["children_per_s"] > 0 and f["collect_ms"] >= 0 for f in fanouts)
 
     text = (tmp_path / "latest.md").read_text()
-    for heading in ("## Targets", "## Drain", "## Enqueue", "## Latency", "## Three steps"):
+    for heading in (
+        "## Targets",
+        "## Drain",
+        "## Enqueue",
+        "## Latency",
+        "## Three steps",
+        "## Fan-out",
+    ):
         assert heading in text
+    assert "fan-out: conveyor >= 3x the best peer" in text
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
     assert "Targets (ratios of medians from this run)" in done.stdout
 
@@ -81,6 +91,7 @@ async def _assert_nothing_left(services: Services, namespace: str) -> None:
             f"{namespace}.taskiq",
             f"{namespace}.raw.quorum",
             f"{namespace}.cmp-noop",
+            f"{namespace}.cmp-fanout-child",
         ):
             channel = await connection.channel()
             with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):

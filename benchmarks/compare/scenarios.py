@@ -3,7 +3,8 @@
 Every figure comes from the stamps the tasks write (stamps.py), never from a system's own
 bookkeeping: a drain rate is the number of tasks over the time from the first task's
 stamp to the last one's, so worker start-up is not counted; a latency is a task's stamp
-minus the moment its trigger call started, both from the same clock.
+minus the moment its trigger call started, both from the same clock; a fan-out runs from
+the parent's first stamp to the one it writes once it holds every child's result.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from typing import Any
 from benchmarks.throughput import pct
 
 from .processes import Workers
-from .stamps import CHAIN_FIRST, CHAIN_LAST, Reader
+from .stamps import (
+    CHAIN_FIRST,
+    CHAIN_LAST,
+    FANOUT_CHILD,
+    FANOUT_END,
+    FANOUT_START,
+    FANOUT_WRONG,
+    Reader,
+)
 from .systems import System
 
 
@@ -92,6 +101,31 @@ async def chain(stage: Stage, system: System, *, count: int) -> dict[str, float]
     first = min(t for tag, t in records if tag == CHAIN_FIRST)
     last = max(t for tag, t in records if tag == CHAIN_LAST)
     return {"chains_per_s": count / (last - first)}
+
+
+async def fanout(stage: Stage, system: System, *, count: int) -> dict[str, float]:
+    """One parent enqueued, then one worker process: the parent starts `count` children
+    and collects their results. Children/s from the parent's start to the moment it holds
+    every result; and how long that moment came after the last child started."""
+    stage.reader.mark()
+    await system.send_fanout(count)
+    # the peers collect results through their result backends; conveyor always has them
+    stage.start(system, 1, backend=system.has_backend)
+    await stage.wait_stamps(count + 2, f"{system.name} fan-out")
+    records = stage.reader.read()
+    tags = [tag for tag, _t in records]
+    what = f"{system.name} fan-out"
+    if FANOUT_WRONG in tags:
+        raise ScenarioError(f"{what}: the parent collected results its children did not return")
+    if tags.count(FANOUT_START) != 1 or tags.count(FANOUT_END) != 1:
+        raise ScenarioError(
+            f"{what}: {tags.count(FANOUT_START)} parent starts, {tags.count(FANOUT_CHILD)} "
+            f"child runs and {tags.count(FANOUT_END)} collections; 1, {count} and 1 expected"
+        )
+    start = next(t for tag, t in records if tag == FANOUT_START)
+    end = next(t for tag, t in records if tag == FANOUT_END)
+    last_child = max(t for tag, t in records if tag == FANOUT_CHILD)
+    return {"children_per_s": count / (end - start), "collect_ms": (end - last_child) * 1000}
 
 
 async def paced(count: int, rate: float, call: Callable[[], Awaitable[Any]]) -> None:

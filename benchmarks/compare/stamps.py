@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 RECORD = struct.Struct("dd")
@@ -20,6 +21,10 @@ RECORD = struct.Struct("dd")
 DRAIN = 0.0
 CHAIN_FIRST = 1.0
 CHAIN_LAST = 3.0
+FANOUT_START = 4.0  # the parent starts (once, whatever replays it)
+FANOUT_CHILD = 5.0  # a child runs
+FANOUT_END = 6.0  # the parent holds every child's result, and they are the right ones
+FANOUT_WRONG = 7.0  # the parent holds results, but not the ones its children returned
 
 _fd: int | None = None
 _pid = 0
@@ -32,6 +37,11 @@ def record(tag: float) -> None:
         path = Path(os.environ["BENCH_STAMPS"]) / f"{_pid}.bin"
         _fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(_fd, RECORD.pack(tag, time.time()))
+
+
+def record_collected(values: Sequence[object], count: int) -> None:
+    """A fan-out parent holds its children's results: child i returned i."""
+    record(FANOUT_END if list(values) == list(range(count)) else FANOUT_WRONG)
 
 
 class Reader:

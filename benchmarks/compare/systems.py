@@ -77,6 +77,10 @@ class System:
         """Enqueue one noop whose tag is the moment this call started."""
         raise NotImplementedError
 
+    async def send_fanout(self, count: int) -> None:
+        """Enqueue one fan-out parent of `count` children."""
+        raise NotImplementedError
+
     def _module(self) -> Any:
         assert self.app is not None, "open() first"
         return self.app
@@ -105,6 +109,12 @@ class ThreadedSystem(System):
         noop = self._module().noop
         await asyncio.get_running_loop().run_in_executor(
             self.pool, lambda: self.send(noop, time.time())
+        )
+
+    async def send_fanout(self, count: int) -> None:
+        fanout = self._module().fanout
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: self.send(fanout, count)
         )
 
     async def _spread(self, count: int, call: Callable[[], None]) -> None:
@@ -270,6 +280,9 @@ class TaskiqSystem(AsyncSystem):
     async def send_stamp(self) -> None:
         await self._module().noop.kiq(time.time())
 
+    async def send_fanout(self, count: int) -> None:
+        await self._module().fanout.kiq(count)
+
 
 class ConveyorSystem(AsyncSystem):
     name = "conveyor"
@@ -293,7 +306,7 @@ class ConveyorSystem(AsyncSystem):
             await self.client.__aexit__(None, None, None)
 
     def queues(self) -> list[str]:
-        return ["cmp-noop", "cmp-chain"]
+        return ["cmp-noop", "cmp-chain", "cmp-fanout", "cmp-fanout-child"]
 
     def worker_commands(self, processes: int, backend: bool) -> list[list[str]]:
         command = [sys.executable, "-m", "conveyor", "worker", self.app_module]
@@ -314,6 +327,9 @@ class ConveyorSystem(AsyncSystem):
 
     async def send_stamp(self) -> None:
         await self._module().noop.trigger(time.time())
+
+    async def send_fanout(self, count: int) -> None:
+        await self._module().fanout.trigger(count)
 
 
 def _batches(count: int) -> Iterator[int]:

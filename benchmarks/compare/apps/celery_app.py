@@ -3,13 +3,18 @@
 Settings for delivery guarantees equal to conveyor's (reasons in benchmarks/README.md):
 persistent messages on a quorum queue, publisher confirms, ack after the task ran, a task
 whose worker process died is requeued, results only when the backend is on.
+
+The fan-out is Celery's chord: the parent publishes a group of children with a callback;
+the Redis result backend counts the children's results and the last one to finish sends
+the callback, which gets them all. (A task must not wait for other tasks' results in
+Celery: `result.get()` inside a task raises.) It needs the result backend on.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, chord
 
-from ..stamps import CHAIN_FIRST, CHAIN_LAST, record
+from ..stamps import CHAIN_FIRST, CHAIN_LAST, FANOUT_CHILD, FANOUT_START, record, record_collected
 from .settings import PREFETCH, AppSettings
 
 settings = AppSettings.from_env()
@@ -61,3 +66,20 @@ def second() -> None:
 @app.task(name="cmp.third")
 def third() -> None:
     record(CHAIN_LAST)
+
+
+@app.task(name="cmp.fanout_child")
+def fanout_child(i: int) -> int:
+    record(FANOUT_CHILD)
+    return i
+
+
+@app.task(name="cmp.fanout_collect")
+def fanout_collect(values: list[int], count: int) -> None:
+    record_collected(values, count)
+
+
+@app.task(name="cmp.fanout")
+def fanout(count: int) -> None:
+    record(FANOUT_START)
+    chord(fanout_child.s(i) for i in range(count))(fanout_collect.s(count))

@@ -9,6 +9,7 @@ import msgspec
 CONCURRENCY = 100  # runs at once per worker process where the system runs coroutines
 PREFETCH = 100  # unacked messages per worker process, the same for every system
 THREADS = 8  # Dramatiq's default worker threads per process
+FANOUT_WAIT = 120.0  # seconds a fan-out parent waits at most for its children's results
 
 
 class AppSettings(msgspec.Struct, frozen=True):
