@@ -55,6 +55,11 @@ async def main(client: Client) -> None:
     info: RunInfo = current_run()
     reveal_type(info.attempt)  # R: int
     task(id="not-async")(not_async)  # E: arg-type
+    reveal_type(await add.trigger_and_wait(1, b=2))  # R: list[str]
+    await add.trigger_and_wait("1")  # E: arg-type
+    results = await add.batch_trigger_and_wait([{"a": 1}])
+    reveal_type(results)  # R: list[Result[list[str]]]
+    reveal_type(info.step_idempotency_key)  # R: str | None
 """
 
 # Stays between runs so that only the first run on a machine pays for a cold mypy.
