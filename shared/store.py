@@ -189,7 +189,7 @@ class RunStore:
         self._run_ttl = str(int(settings.run_ttl))
         # claim's arguments are the same for every run a worker claims, but for the claim
         # token at the end: packed once.
-        self._claim_head = self.scripts.head("claim", 3, 6)
+        self._claim_head = self.scripts.head("claim", 4, 6)
         self._checkpoint_head = self.scripts.head("checkpoint", 2, 4)
         self._finish_head = self.scripts.head("finish", 4, 9)
         self._run_ttl_bulk = bulk(self._run_ttl)
@@ -321,8 +321,7 @@ class RunStore:
                 int(alone),
             ]
             tail = self._claim_tails[worker, alone] = b"".join(map(bulk, args))
-        keys = bulk(self.keys.run(run_id)) + bulk(self.keys.steps(run_id))
-        keys += bulk(self.keys.waits(run_id))
+        keys = self.keys.packed(run_id)
         reply = await self._hot("claim", self._claim_head + keys + tail + bulk(token))
         kind = reply[0].decode()
         if kind == "run":
@@ -394,10 +393,7 @@ class RunStore:
         command = b"".join(
             (
                 self._finish_head,
-                bulk(self.keys.run(run_id)),
-                bulk(self.keys.steps(run_id)),
-                bulk(self.keys.waits(run_id)),
-                bulk(self.keys.children(run_id)),
+                self.keys.packed(run_id),
                 bulk(worker),
                 bulk(attempt),
                 bulk(run_status.value),

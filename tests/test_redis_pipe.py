@@ -99,3 +99,13 @@ async def test_claim_and_finish_reload_flushed_scripts(own_redis: OwnRedis) -> N
     finally:
         await store.close()
         await r.aclose()
+
+
+def test_a_runs_packed_keys_are_its_keys() -> None:
+    from conveyor.shared.keys import Keys
+    from conveyor.shared.pipe import bulk
+
+    keys = Keys("ns-é")  # a namespace whose bytes outnumber its characters
+    run = "run_01a2b3"
+    expected = [keys.run(run), keys.steps(run), keys.waits(run), keys.children(run)]
+    assert keys.packed(run) == b"".join(bulk(k) for k in expected)

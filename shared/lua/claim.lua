@@ -1,5 +1,6 @@
 -- Decide what a delivered message means for its run, and start an attempt if it may run.
--- KEYS: run, steps, waits
+-- KEYS: run, steps, waits, children (not touched: sent so that claim and finish share one
+--       packing of a run's keys)
 -- ARGV: worker, lease_ms, max_crashes, run_ttl_s, alone ('1': nothing else runs in the worker),
 --       claim token (unique per delivery in the worker: the same claim sent again after a
 --       lost reply gets the same answer, not 'busy' and later a crash)
