@@ -15,17 +15,20 @@ from conveyor._client import Client, RunHandle
 from conveyor._step import run_step, step
 from conveyor._task import BoundTask, Task, registered_tasks, task
 from conveyor.shared.context import RunInfo, current_run
+from conveyor.shared.cron import Cron
 from conveyor.shared.errors import (
     ConfigurationError,
     ConveyorError,
     InvalidArguments,
     InvalidOption,
+    InvalidSchedule,
     NonRetryableError,
     PayloadTooLarge,
     PublishFailed,
     ResultTimeout,
     RunFailed,
     RunNotFound,
+    ScheduleNotFound,
     StepResultNotSerializable,
     TaskDefinitionError,
     TriggerError,
@@ -33,6 +36,7 @@ from conveyor.shared.errors import (
 )
 from conveyor.shared.models import AttemptInfo, Run, RunStatus
 from conveyor.shared.retry import Retry
+from conveyor.shared.schedules import Schedule
 from conveyor.shared.settings import Settings
 
 __all__ = [
@@ -41,8 +45,10 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "ConveyorError",
+    "Cron",
     "InvalidArguments",
     "InvalidOption",
+    "InvalidSchedule",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
@@ -54,6 +60,8 @@ __all__ = [
     "RunInfo",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "Settings",
     "StepResultNotSerializable",
     "Task",

@@ -9,10 +9,14 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Mapping
+from typing import Any
 
 from conveyor.shared.settings import Settings
 
+from .cron import Ticker
 from .dead import DeadLetters
+from .declared import declared_schedules
 from .lease import Lease, Refused
 from .reaper import Reaper
 from .runtime import Runtime
@@ -25,7 +29,15 @@ ERROR_PAUSE_MAX = 10.0
 
 
 class Scheduler:
-    def __init__(self, settings: Settings | None = None, *, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        namespace: str | None = None,
+        tasks: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`tasks` (default: every task imported so far): whose declared schedules it
+        registers."""
         self.settings = settings or Settings.from_env(namespace=namespace)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.runtime = Runtime(self.settings, f"conveyor-scheduler:{self.id}")
@@ -34,6 +46,8 @@ class Scheduler:
         )
         self.reaper = Reaper(self.runtime, self.lease)
         self.dead = DeadLetters(self.runtime)
+        self.ticker = Ticker(self.runtime, self.lease)
+        self.declared = declared_schedules(tasks)
         self.refused = 0  # fenced writes refused after losing the lease
         self._stopping = asyncio.Event()
         self._leading = asyncio.Event()
@@ -50,6 +64,7 @@ class Scheduler:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._keep_lease())
                 group.create_task(self._duties())
+                group.create_task(self._cron())
         finally:
             with contextlib.suppress(Exception):
                 await self.lease.release()  # a standby takes over at once
@@ -111,6 +126,40 @@ class Scheduler:
                 self._leading.clear()
             except Exception as exc:
                 log.warning("scheduler duties failed (%r); retrying in %.1fs", exc, pause)
+                pause = await self._pause(pause)
+
+    async def _cron(self) -> None:
+        """Register the declared schedules (any replica: the writes are idempotent), then
+        fire ticks while leading, on a cadence of their own: a tick is due to the second."""
+        pause = ERROR_PAUSE
+        while self.declared and not self._stopping.is_set():
+            try:
+                changed = await self.ticker.schedules.register(self.declared)
+                log.info(
+                    "registered %d declared schedules (%d changed)", len(self.declared), changed
+                )
+                break
+            except Exception as exc:
+                log.warning("registering schedules failed (%r); retrying in %.1fs", exc, pause)
+                pause = await self._pause(pause)
+        pause = ERROR_PAUSE
+        while not self._stopping.is_set():
+            await self._wait_leading()
+            if self._stopping.is_set():
+                return
+            if not self.lease.held():
+                self._leading.clear()
+                continue
+            try:
+                await self._sleep(await self.ticker.tick())
+                pause = ERROR_PAUSE
+            except Refused as exc:
+                self.refused += 1
+                log.warning("fenced write refused (%d so far): %s", self.refused, exc)
+                self.lease.lose()
+                self._leading.clear()
+            except Exception as exc:
+                log.warning("cron ticks failed (%r); retrying in %.1fs", exc, pause)
                 pause = await self._pause(pause)
 
     async def _wait_leading(self) -> None:

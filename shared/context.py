@@ -6,6 +6,7 @@ import asyncio
 import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -22,6 +23,9 @@ class RunInfo(msgspec.Struct, frozen=True):
     id: str
     task_id: str
     attempt: int
+    # The time its cron tick was scheduled for (not when it fired); None unless a
+    # schedule made the run.
+    scheduled_at: datetime | None = None
 
 
 class RunContext:
@@ -123,7 +127,8 @@ def set_context(ctx: RunContext | None) -> None:
 
 
 def current_run() -> RunInfo:
-    """The run this code executes in: id, task id and attempt number."""
+    """The run this code executes in: id, task id, attempt number and, for a run a
+    schedule made, the time its tick was scheduled for."""
     ctx = _current.get()
     if ctx is None:
         raise ConveyorError("current_run() was called outside a conveyor run")

@@ -52,6 +52,8 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
     tags: list[str] = msgspec.field(default_factory=list)
     # Epoch milliseconds before which the run must not start; set for delays and retries.
     not_before: int | None = None
+    # Epoch milliseconds of the cron tick that made this run (scheduler/cron.py).
+    scheduled_at: int | None = None
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
@@ -93,3 +95,5 @@ class Run(msgspec.Struct, frozen=True):
     idempotency_key: str | None
     queue: str
     steps: list[str]
+    # The cron tick's time, for a run a schedule made.
+    scheduled_at: datetime | None = None

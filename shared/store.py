@@ -215,6 +215,15 @@ class RunStore:
             args += (run.run_id, run.payload, idem)
         return await self.scripts.call("create", keys, args)
 
+    async def mark_scheduled(self, runs: Sequence[tuple[str, int]]) -> None:
+        """Record the tick time of runs a schedule made ((run id, epoch ms) pairs), for
+        `get_run` and for a republish of their message. Written after the create: the
+        worker reads the time from the message, so the run needs it only later."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id, at_ms in runs:
+                pipe.hset(self.keys.run(run_id), "scheduled_at", at_ms)
+            await pipe.execute()
+
     async def abandon(self, runs: Sequence[NewRun], error: str) -> list[bool]:
         """Mark runs whose message never reached the broker FAILED, if they never started
         (abandon.lua), and free their idempotency keys; True for each run failed."""
@@ -404,11 +413,13 @@ class RunStore:
             for run_id in run_ids:
                 pipe.hmget(
                     self.keys.run(run_id),
-                    ["task", "queue", "payload", "tags", "idem", "not_before"],
+                    ["task", "queue", "payload", "tags", "idem", "not_before", "scheduled_at"],
                 )
             replies: list[Any] = await pipe.execute()
         out: list[Republish | None] = []
-        for run_id, (task, queue, payload, tags, idem, nb) in zip(run_ids, replies, strict=True):
+        for run_id, (task, queue, payload, tags, idem, nb, sched) in zip(
+            run_ids, replies, strict=True
+        ):
             if task is None or queue is None:
                 out.append(None)
                 continue
@@ -419,6 +430,7 @@ class RunStore:
                 idempotency_key=idem.decode() if idem else None,
                 tags=_tags_decoder.decode(tags or b"[]"),
                 not_before=int(nb) if nb and int(nb) > 0 else None,
+                scheduled_at=int(sched) if sched else None,
             )
             out.append(Republish(queue.decode(), message))
         return out
@@ -500,6 +512,7 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         idempotency_key=idem or None,
         queue=f.get(b"queue", b"").decode(),
         steps=steps,
+        scheduled_at=_ms(f.get(b"scheduled_at")),
     )
 
 

@@ -18,6 +18,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -55,6 +56,12 @@ from .validation import Invalid, delivery_count, validate
 log = logging.getLogger("conveyor.worker")
 
 _decoder = msgspec.json.Decoder(RunMessage)
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
 _encoder = msgspec.json.Encoder()
 
 # A message for a task this worker does not know is requeued this many times (another
@@ -420,7 +427,12 @@ class Worker:
         assert run_id is not None
         execution = Execution(run_id, attempt, task.id, queue, message, claimed_at)
         ctx = RunContext(
-            RunInfo(run_id, task.id, attempt),
+            RunInfo(
+                run_id,
+                task.id,
+                attempt,
+                None if msg.scheduled_at is None else _from_ms(msg.scheduled_at),
+            ),
             self.store,
             checkpoints,
             worker=self.id,
