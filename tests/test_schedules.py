@@ -1,0 +1,176 @@
+"""Schedules through the client API and the CLI, and the ticker's rules run in-process
+against the real services: catch-up window, a tick fired twice, fencing, scheduled_at."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from conveyor import Client, InvalidSchedule, ScheduleNotFound, Settings
+from conveyor.scheduler.cron import Ticker
+from conveyor.scheduler.lease import Lease, Refused
+from conveyor.scheduler.runtime import Runtime
+from conveyor.shared.schedules import make_record
+from conveyor.worker import Worker
+from tests.cron import each_tick_ran_once, tick_runs
+from tests.test_cli import conveyor
+
+
+async def test_client_round_trip(client: Client) -> None:
+    s = await client.schedules.create(
+        "echo", "0 9 * * 1-5", timezone="Europe/Paris", payload={"value": "hi"}, key="morning"
+    )
+    assert (s.key, s.cron, s.timezone, s.payload, s.paused) == (
+        "morning",
+        "0 9 * * 1-5",
+        "Europe/Paris",
+        {"value": "hi"},
+        False,
+    )
+    assert s.next_at is not None and s.next_at.astimezone().minute == 0
+    # The same key again updates it.
+    s2 = await client.schedules.create("echo", "*/5 * * * *", payload={"value": "x"}, key="morning")
+    assert (s2.cron, s2.timezone, s2.payload) == ("*/5 * * * *", "UTC", {"value": "x"})
+    # No key: the same schedule created twice is one.
+    a = await client.schedules.create("noop", every=timedelta(minutes=1))
+    b = await client.schedules.create("noop", every=timedelta(minutes=1))
+    assert a.key == b.key and a.every == timedelta(minutes=1)
+    assert [x.key for x in await client.schedules.list()] == sorted([a.key, "morning"])
+
+    paused = await client.schedules.pause("morning")
+    assert paused.paused and paused.next_at is None
+    # Updating a paused schedule leaves it paused.
+    still = await client.schedules.create("echo", "*/10 * * * *", key="morning")
+    assert still.paused and still.cron == "*/10 * * * *"
+    resumed = await client.schedules.resume("morning")
+    assert not resumed.paused and resumed.next_at is not None
+    assert (await client.schedules.get("morning")).next_at == resumed.next_at
+
+    await client.schedules.delete("morning")
+    with pytest.raises(ScheduleNotFound, match="morning"):
+        await client.schedules.get("morning")
+    with pytest.raises(ScheduleNotFound):
+        await client.schedules.delete("morning")
+    with pytest.raises(InvalidSchedule, match="Mars/Olympus"):
+        await client.schedules.create("echo", "* * * * *", timezone="Mars/Olympus")
+    with pytest.raises(InvalidSchedule, match="expression"):
+        await client.schedules.create("echo", "every day")
+
+
+async def test_cli_round_trip(settings: Settings, client: Client) -> None:
+    made = await conveyor(
+        settings, "schedules", "create", "echo", "--cron", "*/15 * * * * *",
+        "--payload", '{"value": "v"}', "--key", "quarter", "--json",
+    )  # fmt: skip
+    data = made.json()
+    assert (data["key"], data["cron"], data["payload"]) == (
+        "quarter",
+        "*/15 * * * * *",
+        {"value": "v"},
+    )
+    listed = await conveyor(settings, "schedules", "list", "--json")
+    assert [s["key"] for s in listed.json()] == ["quarter"]
+    assert (await conveyor(settings, "schedules", "pause", "quarter", "--json")).json()["paused"]
+    text = await conveyor(settings, "schedules", "list")
+    assert "quarter" in text.out and "paused" in text.out
+    assert not (await conveyor(settings, "schedules", "resume", "quarter", "--json")).json()[
+        "paused"
+    ]
+    shown = await conveyor(settings, "schedules", "show", "quarter", "--json")
+    assert shown.json()["next_at"] is not None
+    assert (await conveyor(settings, "schedules", "delete", "quarter")).out == "deleted quarter"
+    assert (await conveyor(settings, "schedules", "list")).out == "no schedules"
+    bad = await conveyor(settings, "schedules", "create", "echo", "--cron", "99 * * * *")
+    assert bad.code == 1 and "invalid schedule expression" in bad.err
+    zone = await conveyor(
+        settings, "schedules", "create", "echo", "--cron", "* * * * *", "--timezone", "Nowhere"
+    )
+    assert zone.code == 1 and "unknown time zone 'Nowhere'" in zone.err
+    missing = await conveyor(settings, "schedules", "pause", "nope")
+    assert missing.code == 1 and "no schedule 'nope'" in missing.err
+
+
+class Leader:
+    """A ticker in this process holding the lease."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.runtime = Runtime(settings, "test-ticker")
+        self.lease = Lease(self.runtime.scripts, self.runtime.keys, "test:1:a", 10.0)
+        self.ticker = Ticker(self.runtime, self.lease)
+
+    async def __aenter__(self) -> Leader:
+        await self.runtime.connect()
+        assert await self.lease.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.lease.release()
+        await self.runtime.close()
+
+
+async def put_due(leader: Leader, key: str, record: Any, due_ms: int) -> None:
+    """A schedule whose next tick is `due_ms`, as one left behind while no scheduler led."""
+    store = leader.ticker.schedules
+    await store.put(key, record)
+    await leader.runtime.redis.zadd(leader.runtime.keys.schedules_due, {key: due_ms})
+
+
+async def test_missed_ticks_fire_once_within_the_catch_up_window(
+    settings: Settings, client: Client, worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = msgspec.structs.replace(settings, cron_catch_up=30.0)
+    async with Leader(settings) as leader:
+        now = await leader.ticker.now_ms()
+        start = (now - 45_000) // 1000 * 1000
+        await put_due(
+            leader, "back", make_record("ticked", None, every=timedelta(seconds=1)), start
+        )
+        await leader.ticker.tick()
+        assert leader.ticker.skipped == 1
+        assert "older than the catch-up window" in caplog.text
+        times = await each_tick_ran_once(client, settings, "back", 1000)
+        # The ticks of the last 30 s fired; the 15 s before them did not.
+        assert now - 30_000 <= times[0] <= now - 29_000
+        assert times[-1] >= now - 1000
+        # Nothing is due any more: a second pass fires nothing.
+        await leader.ticker.tick()
+        assert len(await tick_runs(settings, "back")) <= len(times) + 1
+
+
+async def test_a_tick_fired_twice_is_one_run(
+    settings: Settings, client: Client, worker: Worker
+) -> None:
+    async with Leader(settings) as leader:
+        now = await leader.ticker.now_ms()
+        start = (now - 5000) // 1000 * 1000
+        await put_due(
+            leader, "twice", make_record("ticked", None, every=timedelta(seconds=1)), start
+        )
+        due = [("twice", start)]
+        # The first pass's reply lost: the same pass again, as a new leader would make it.
+        await leader.ticker._fire(due, now)
+        await leader.ticker._fire(due, now)
+        times = await each_tick_ran_once(client, settings, "twice", 1000)
+        assert times[0] == start and len(times) == 6
+
+
+async def test_a_leader_that_lost_the_lease_moves_nothing(
+    settings: Settings, client: Client
+) -> None:
+    async with Leader(settings) as leader:
+        now = await leader.ticker.now_ms()
+        await put_due(
+            leader, "fenced", make_record("ticked", None, every=timedelta(seconds=1)), now - 2000
+        )
+        # Another scheduler took the lease while this one was paused.
+        await leader.runtime.redis.set(leader.runtime.keys.leader, "99:other:1:b")
+        with pytest.raises(Refused):
+            await leader.ticker._fire([("fenced", now - 2000)], now)
+        assert (
+            await leader.runtime.redis.zscore(leader.runtime.keys.schedules_due, "fenced")
+            == now - 2000
+        )
+        leader.lease.lose()
