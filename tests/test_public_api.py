@@ -13,8 +13,10 @@ PUBLIC = [
     "Client",
     "ConfigurationError",
     "ConveyorError",
+    "Cron",
     "InvalidArguments",
     "InvalidOption",
+    "InvalidSchedule",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
@@ -26,6 +28,8 @@ PUBLIC = [
     "RunInfo",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "Settings",
     "StepResultNotSerializable",
     "Task",
@@ -94,4 +98,6 @@ def test_error_hierarchy() -> None:
     ):
         assert issubclass(child, c.TriggerError)
     assert issubclass(c.StepResultNotSerializable, c.NonRetryableError)
+    assert issubclass(c.InvalidSchedule, c.ConfigurationError)
+    assert issubclass(c.ScheduleNotFound, c.ConveyorError)
     assert issubclass(c.ResultTimeout, TimeoutError)
