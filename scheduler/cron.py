@@ -100,33 +100,20 @@ class Ticker:
         raws: list[Any] = await self.rt.redis.hmget(self.rt.keys.schedules, [k for k, _ in due])
         ticks: list[Tick] = []
         moves: list[Arg] = []
-        floor = now - self.catch_up_ms
         for (key, fire), raw in zip(due, raws, strict=True):
             if raw is None:
-                continue  # deleted after the index was read: its delete removed the entry
-            start = fire
+                # No record (deleted by hand, or a write of another version): no due entry.
+                moves += (key, fire, "")
+                continue
             try:
-                record, spec = self._spec(raw)
-            except InvalidSchedule as exc:
+                mine, after = self._walk(key, raw, fire, now)
+            except (InvalidSchedule, msgspec.ValidationError, msgspec.DecodeError) as exc:
                 # Stored by another version, or its zone left this system's database.
                 log.error("schedule %r cannot fire: %s; looking again in a minute", key, exc)
-                moves += (key, start, now + BAD_RETRY_MS)
+                moves += (key, fire, now + BAD_RETRY_MS)
                 continue
-            if fire < floor:
-                fire = spec.next_after(floor - 1)
-                self.skipped += 1
-                log.warning(
-                    "schedule %r: ticks from %d to %d are older than the catch-up window "
-                    "(%.0fs) and were skipped",
-                    key,
-                    start,
-                    fire - 1,
-                    self.catch_up_ms / 1000,
-                )
-            while fire <= now:
-                ticks.append(Tick(key, record, fire))
-                fire = spec.next_after(fire)
-            moves += (key, start, fire)
+            ticks += mine
+            moves += (key, fire, after)
         if ticks:
             await self._start(ticks)
         if not self.lease.held():
@@ -177,6 +164,26 @@ class Ticker:
             except PublishFailed as exc:
                 # The runs exist: the reaper republishes them (reap_after past due).
                 log.warning("cannot publish %d ticks to queue %r: %s", len(outgoing), queue, exc)
+
+    def _walk(self, key: str, raw: bytes, fire: int, now: int) -> tuple[list[Tick], int]:
+        """The ticks of one schedule from `fire` up to `now`, and the fire time after them."""
+        record, spec = self._spec(raw)
+        if fire < now - self.catch_up_ms:
+            start, fire = fire, spec.next_after(now - self.catch_up_ms - 1)
+            self.skipped += 1
+            log.warning(
+                "schedule %r: ticks from %d to %d are older than the catch-up window "
+                "(%.0fs) and were skipped",
+                key,
+                start,
+                fire - 1,
+                self.catch_up_ms / 1000,
+            )
+        ticks: list[Tick] = []
+        while fire <= now:
+            ticks.append(Tick(key, record, fire))
+            fire = spec.next_after(fire)
+        return ticks, fire
 
     def _spec(self, raw: bytes) -> tuple[ScheduleRecord, Spec]:
         found = self._specs.get(raw)

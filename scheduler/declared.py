@@ -10,11 +10,19 @@ from typing import Any
 from conveyor.shared.schedules import ScheduleRecord, make_record
 
 
-def declared_schedules(tasks: Mapping[str, Any] | None = None) -> list[tuple[str, ScheduleRecord]]:
-    if tasks is None:
-        from conveyor._task import registered_tasks
+class Declared:
+    """The schedules of `tasks` (default: every task imported so far), and those tasks."""
 
-        tasks = registered_tasks()
+    def __init__(self, tasks: Mapping[str, Any] | None = None) -> None:
+        if tasks is None:
+            from conveyor._task import registered_tasks
+
+            tasks = registered_tasks()
+        self.task_ids = sorted(tasks)
+        self.schedules = declared_schedules(tasks)
+
+
+def declared_schedules(tasks: Mapping[str, Any]) -> list[tuple[str, ScheduleRecord]]:
     out: list[tuple[str, ScheduleRecord]] = []
     for task in tasks.values():
         for n, cron in enumerate(task.cron):

@@ -16,7 +16,7 @@ from conveyor.shared.settings import Settings
 
 from .cron import Ticker
 from .dead import DeadLetters
-from .declared import declared_schedules
+from .declared import Declared
 from .lease import Lease, Refused
 from .reaper import Reaper
 from .runtime import Runtime
@@ -47,7 +47,7 @@ class Scheduler:
         self.reaper = Reaper(self.runtime, self.lease)
         self.dead = DeadLetters(self.runtime)
         self.ticker = Ticker(self.runtime, self.lease)
-        self.declared = declared_schedules(tasks)
+        self.declared = Declared(tasks)
         self.refused = 0  # fenced writes refused after losing the lease
         self._stopping = asyncio.Event()
         self._leading = asyncio.Event()
@@ -132,11 +132,16 @@ class Scheduler:
         """Register the declared schedules (any replica: the writes are idempotent), then
         fire ticks while leading, on a cadence of their own: a tick is due to the second."""
         pause = ERROR_PAUSE
-        while self.declared and not self._stopping.is_set():
+        declared = self.declared
+        while declared.task_ids and not self._stopping.is_set():
             try:
-                changed = await self.ticker.schedules.register(self.declared)
+                changed = await self.ticker.schedules.register(
+                    declared.schedules, declared.task_ids
+                )
                 log.info(
-                    "registered %d declared schedules (%d changed)", len(self.declared), changed
+                    "registered %d declared schedules (%d changed)",
+                    len(declared.schedules),
+                    changed,
                 )
                 break
             except Exception as exc:

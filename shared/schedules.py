@@ -8,7 +8,7 @@ scheduler's registration of declared schedules; fired by the leader (scheduler/c
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -169,11 +169,13 @@ class ScheduleStore:
         record = await self._record(key)
         return await self._write(key, msgspec.structs.replace(record, paused=False), keep=False)
 
-    async def register(self, declared: Sequence[tuple[str, ScheduleRecord]]) -> int:
-        """Write the schedules the scheduler's modules declare, and delete declared ones of
-        the same tasks that the code no longer declares. Returns how many changed."""
+    async def register(
+        self, declared: Sequence[tuple[str, ScheduleRecord]], tasks: Collection[str]
+    ) -> int:
+        """Write the schedules the scheduler's modules declare, and delete the declared
+        ones of `tasks` (the tasks it imported) that the code no longer declares. Returns
+        how many changed."""
         wanted = dict(declared)
-        tasks = {record.task_id for record in wanted.values()}
         changed = 0
         stored: Any = await self.redis.hgetall(self.keys.schedules)
         for key, raw in stored.items():

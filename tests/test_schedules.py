@@ -4,17 +4,19 @@ against the real services: catch-up window, a tick fired twice, fencing, schedul
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from conveyor import Client, InvalidSchedule, ScheduleNotFound, Settings
+from conveyor import Client, InvalidSchedule, RunStatus, ScheduleNotFound, Settings
 from conveyor.scheduler.cron import Ticker
 from conveyor.scheduler.lease import Lease, Refused
 from conveyor.scheduler.runtime import Runtime
 from conveyor.shared.schedules import make_record
 from conveyor.worker import Worker
+from tests.conftest import SCHEDULER_ENV, ConveyorProcess, eventually
 from tests.cron import each_tick_ran_once, tick_runs
 from tests.test_cli import conveyor
 
@@ -174,3 +176,52 @@ async def test_a_leader_that_lost_the_lease_moves_nothing(
             == now - 2000
         )
         leader.lease.lose()
+
+
+async def test_declared_schedules_fire(
+    settings: Settings, client: Client, spawn_worker: Any, tmp_path: Path
+) -> None:
+    spawn_worker("tests.cron_tasks")
+    scheduler = ConveyorProcess(
+        ["scheduler", "tests.cron_tasks"], settings, SCHEDULER_ENV, tmp_path / "scheduler.log"
+    )
+    try:
+
+        async def fired() -> list[Any]:
+            runs = await client.list_runs(task_id="declared-tick", status=RunStatus.COMPLETED)
+            return runs if {r.output[0] for r in runs} == {"two", "every"} else []
+
+        runs = await eventually(fired, timeout=30, interval=0.2)
+        for run in runs:
+            key = "declared-two" if run.output[0] == "two" else "declared-tick:1"
+            at = run.output[1]
+            assert run.id == f"cron:{key}:{at}"
+            assert at % (2000 if key == "declared-two" else 3000) == 0
+        listed = {s.key: s for s in await client.schedules.list()}
+        assert set(listed) == {"declared-two", "declared-tick:1"}
+        assert listed["declared-two"].declared and listed["declared-two"].payload == {
+            "label": "two"
+        }
+        assert listed["declared-tick:1"].every == timedelta(seconds=3)
+    finally:
+        scheduler.kill()
+        scheduler.wait()
+    assert "registered 2 declared schedules (2 changed)" in scheduler.output()
+
+
+async def test_registration_keeps_unchanged_schedules_and_drops_removed_ones(
+    settings: Settings, client: Client
+) -> None:
+    async with Leader(settings) as leader:
+        store = leader.ticker.schedules
+        one = make_record("echo", "*/5 * * * *", payload={"value": "a"}, declared=True)
+        two = make_record("echo", None, every=timedelta(minutes=1), declared=True)
+        assert await store.register([("echo:0", one), ("echo:1", two)], ["echo", "noop"]) == 2
+        await client.schedules.create("echo", "0 * * * *", key="by-api")
+        await leader.runtime.redis.zadd(leader.runtime.keys.schedules_due, {"echo:0": 1000})
+        # Declared again, unchanged: its next fire time stays; echo:1 is no longer declared.
+        assert await store.register([("echo:0", one)], ["echo"]) == 1
+        assert (
+            await leader.runtime.redis.zscore(leader.runtime.keys.schedules_due, "echo:0") == 1000
+        )
+        assert [s.key for s in await client.schedules.list()] == ["by-api", "echo:0"]
