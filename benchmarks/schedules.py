@@ -1,14 +1,14 @@
 """`python -m benchmarks schedules`: the CPU a `conveyor scheduler` leader uses with
 10,000 every-minute cron schedules (issue 10; the figure is in docs/architecture.md).
 
-In a namespace of its own: SCHEDULES schedules `* * * * *` of one task are created, one
-real `conveyor scheduler` process is started and, once it leads, its CPU time (from
-/proc) is read over MINUTES whole minutes. Every schedule fires at each minute boundary,
-so a minute holds one burst of SCHEDULES runs created and published (no worker takes
-them) and otherwise the idle passes over the due index. Reported: CPU seconds per second
-over the window, the busiest and the median second, the ticks fired, and how late the
-last run of each burst was created after its minute. Only services on 127.0.0.1 are
-used; everything is deleted at the end.
+In a namespace of its own: SCHEDULES (10,000) schedules CRON (`* * * * *`) of one task
+are created, one real `conveyor scheduler` process is started and, once it leads, its CPU
+time (from /proc) is read over SECONDS (120: two whole minutes, from 5 s after a minute
+boundary). Every schedule fires at each minute, so a minute holds one burst of SCHEDULES
+runs created and published (no worker takes them) and otherwise the idle passes over the
+due index. Reported: CPU seconds per second over the window, the busiest and the median
+second, the ticks fired, and how late the last run of each burst was created after its
+minute. Only services on 127.0.0.1 are used; everything is deleted at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from conveyor.broker.purge import purge_namespace
 from conveyor.shared.keys import Keys
 
 TASK = "bench-scheduled"
+EVERY_MINUTE = "* * * * *"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -51,12 +52,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-async def create(client: Client, n: int) -> None:
+async def create(client: Client, n: int, cron: str) -> None:
     sem = asyncio.Semaphore(50)
 
     async def one(i: int) -> None:
         async with sem:
-            await client.schedules.create(TASK, "* * * * *", key=f"s{i:05d}")
+            await client.schedules.create(TASK, cron, key=f"s{i:05d}")
 
     await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -104,16 +105,17 @@ async def run(args: argparse.Namespace) -> int:
     try:
         async with Client(settings=settings) as client:
             started = time.monotonic()
-            await create(client, args.schedules)
+            await create(client, args.schedules, args.cron)
             print(f"created {args.schedules} schedules in {time.monotonic() - started:.1f}s")
             proc = start_scheduler(env)
             await leading(settings)
-            # From just after a minute's burst, so the window holds MINUTES bursts.
-            await asyncio.sleep(60 - time.time() % 60 + 5)
+            if args.cron == EVERY_MINUTE:
+                # From just after a minute's burst, so the window holds whole minutes.
+                await asyncio.sleep(60 - time.time() % 60 + 5)
             samples: list[float] = []
             t0, c0 = time.monotonic(), cpu_seconds(proc.pid)
             last_t, last_c = t0, c0
-            while time.monotonic() - t0 < args.minutes * 60:
+            while time.monotonic() - t0 < args.seconds:
                 await asyncio.sleep(1)
                 now, cpu = time.monotonic(), cpu_seconds(proc.pid)
                 samples.append((cpu - last_c) / (now - last_t))
@@ -121,7 +123,7 @@ async def run(args: argparse.Namespace) -> int:
             total = (last_c - c0) / (last_t - t0)
             fired, late = await lateness(settings)
         print(
-            f"{args.schedules} every-minute schedules, {args.minutes} min: scheduler CPU "
+            f"{args.schedules} schedules {args.cron!r}, {args.seconds:.0f} s: scheduler CPU "
             f"{total * 100:.1f}% of a core on average (busiest second {max(samples) * 100:.0f}%, "
             f"median second {statistics.median(samples) * 100:.2f}%)"
         )
@@ -139,7 +141,8 @@ async def run(args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks schedules", description=__doc__)
     parser.add_argument("--schedules", type=int, default=10_000)
-    parser.add_argument("--minutes", type=int, default=2)
+    parser.add_argument("--cron", default=EVERY_MINUTE, help="the schedules' expression")
+    parser.add_argument("--seconds", type=float, default=120.0, help="the measured window")
     return parser.parse_args(argv)
 
 

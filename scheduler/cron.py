@@ -4,10 +4,11 @@ The due index (`{ns}:{sched}:schedules:due`, schedule key -> next fire time in e
 is read from its head, so a pass costs what came due, not the number of schedules. For
 each due schedule the leader walks its fire times up to now, and for each tick:
 
-1. creates the run `cron:{key}:{fire_ms}` (create.lua leaves a run that exists alone, so
-   a tick fired twice, by two leaders or again after a lost reply, is one run);
-2. records its scheduled time with the run and publishes its message, which carries
-   that time to the worker (`current_run().scheduled_at`);
+1. creates the run `cron:{key}:{fire_ms}` with its scheduled time, in one script
+   (create.lua leaves a run that exists alone, so a tick fired twice, by two leaders or
+   again after a lost reply, is one run);
+2. publishes its message, which carries that time to the worker
+   (`current_run().scheduled_at`);
 3. moves the schedule on to its next fire time in a fenced script (sched_tick.lua): only
    while this scheduler holds the lease, and only if the entry still has the time it
    fired from.
@@ -137,22 +138,20 @@ class Ticker:
                 [],
                 None,
                 0,
+                scheduled_at=t.fire_ms,
             )
             for t in ticks
         ]
         await self.rt.store.create(runs)
-        await self.rt.store.mark_scheduled(
-            [(r.run_id, t.fire_ms) for r, t in zip(runs, ticks, strict=True)]
-        )
         if not self.lease.held():
             raise Refused("lease lost before publishing ticks")
         by_queue: dict[str, list[Outgoing]] = {}
-        for run, t in zip(runs, ticks, strict=True):
+        for run in runs:
             message = RunMessage(
                 task=run.task_id,
                 payload=msgspec.Raw(run.payload),
                 id=run.run_id,
-                scheduled_at=t.fire_ms,
+                scheduled_at=run.scheduled_at,
             )
             by_queue.setdefault(run.queue, []).append(
                 Outgoing(run.queue, _encoder.encode(message), message_id=run.run_id)

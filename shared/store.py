@@ -47,6 +47,8 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     tags: list[str]
     idempotency_key: str | None
     delay_ms: int
+    # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
+    scheduled_at: int = 0
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -160,9 +162,10 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        groups: dict[tuple[str, str, tuple[str, ...], int], list[int]] = {}
+        groups: dict[tuple[str, str, tuple[str, ...], int, int], list[int]] = {}
         for i, run in enumerate(runs):
-            groups.setdefault((run.task_id, run.queue, tuple(run.tags), run.delay_ms), []).append(i)
+            group = (run.task_id, run.queue, tuple(run.tags), run.delay_ms, run.scheduled_at)
+            groups.setdefault(group, []).append(i)
         chunks = [
             positions[start : start + CREATE_CHUNK]
             for positions in groups.values()
@@ -198,7 +201,7 @@ class RunStore:
                 future.set_result(cast(list[Created], mine))
 
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
-        """One create.lua call for runs of the same task, queue, tags and delay."""
+        """One create.lua call for runs of the same task, queue, tags, delay and tick."""
         first = runs[0]
         keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
@@ -207,6 +210,7 @@ class RunStore:
             msgspec.json.encode(first.tags),
             first.delay_ms,
             self._idem_ttl,
+            first.scheduled_at,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -214,15 +218,6 @@ class RunStore:
             keys += (run_key, self.keys.idempotency(run.task_id, idem) if idem else run_key)
             args += (run.run_id, run.payload, idem)
         return await self.scripts.call("create", keys, args)
-
-    async def mark_scheduled(self, runs: Sequence[tuple[str, int]]) -> None:
-        """Record the tick time of runs a schedule made ((run id, epoch ms) pairs), for
-        `get_run` and for a republish of their message. Written after the create: the
-        worker reads the time from the message, so the run needs it only later."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for run_id, at_ms in runs:
-                pipe.hset(self.keys.run(run_id), "scheduled_at", at_ms)
-            await pipe.execute()
 
     async def abandon(self, runs: Sequence[NewRun], error: str) -> list[bool]:
         """Mark runs whose message never reached the broker FAILED, if they never started

@@ -3,7 +3,8 @@ against the real services: catch-up window, a tick fired twice, fencing, schedul
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,11 @@ import pytest
 from conveyor import Client, InvalidSchedule, RunStatus, ScheduleNotFound, Settings
 from conveyor.scheduler.cron import Ticker
 from conveyor.scheduler.lease import Lease, Refused
+from conveyor.scheduler.reaper import Reaper
 from conveyor.scheduler.runtime import Runtime
+from conveyor.shared.cron import tick_run_id
 from conveyor.shared.schedules import make_record
+from conveyor.shared.store import NewRun
 from conveyor.worker import Worker
 from tests.conftest import SCHEDULER_ENV, ConveyorProcess, eventually
 from tests.cron import each_tick_ran_once, tick_runs
@@ -225,3 +229,20 @@ async def test_registration_keeps_unchanged_schedules_and_drops_removed_ones(
             await leader.runtime.redis.zscore(leader.runtime.keys.schedules_due, "echo:0") == 1000
         )
         assert [s.key for s in await client.schedules.list()] == ["by-api", "echo:0"]
+
+
+async def test_a_tick_run_republished_by_the_reaper_keeps_its_time(
+    settings: Settings, client: Client, worker: Worker
+) -> None:
+    # A leader killed between the create and the publish: the reaper publishes the run
+    # from its hash, which has the scheduled time the create wrote.
+    settings = msgspec.structs.replace(settings, reap_after=0.2)
+    at = (await client.schedules._store.now_ms()) // 1000 * 1000
+    run_id = tick_run_id("lost", at)
+    new = NewRun(run_id, "ticked", "ticked", b"{}", [], None, 0, scheduled_at=at)
+    await client.store.create([new])
+    async with Leader(settings) as leader:
+        await asyncio.sleep(0.4)
+        assert await Reaper(leader.runtime, leader.lease).reap() == 1
+    assert await client.handle(run_id).result(timeout=20) == at
+    assert (await client.get_run(run_id)).scheduled_at == datetime.fromtimestamp(at / 1000, UTC)

@@ -381,7 +381,16 @@ class Worker:
         claim = await self.admission.claim(msg.id)
         if claim.kind == "missing":
             # Triggered straight through the broker (wire format): the run starts here.
-            new = NewRun(msg.id, msg.task, queue, payload, msg.tags, msg.idempotency_key, 0)
+            new = NewRun(
+                msg.id,
+                msg.task,
+                queue,
+                payload,
+                msg.tags,
+                msg.idempotency_key,
+                0,
+                scheduled_at=msg.scheduled_at or 0,
+            )
             [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
                 log.info("run %s: idempotency key already used by %s", msg.id, created.run_id)

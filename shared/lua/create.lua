@@ -1,18 +1,20 @@
 -- Create runs of one task, or return the existing run of a live idempotency key.
 -- KEYS: runs index, due index, then per run: run, idempotency (or the run key again when unused)
--- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, then per run: run_id, payload, idem_key
+-- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, scheduled_at (epoch ms of the cron tick that
+--       makes the runs, 0: none), then per run: run_id, payload, idem_key
 -- Returns per run: 1 and its id (created, or already there), or 0 and the existing run's id.
 -- Each new run enters the due index at the time it should start by: the reaper republishes
 -- it if nothing has moved it some time after that (scheduler/reaper.py).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local task, queue, tags, delay, idem_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local scheduled = ARGV[6]
 local status = 'QUEUED'
 if delay > 0 then status = 'DELAYED' end
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local run_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local run_id, payload, idem = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+  local run_id, payload, idem = ARGV[3 * i + 4], ARGV[3 * i + 5], ARGV[3 * i + 6]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', idem_key)
@@ -27,6 +29,7 @@ for i = 1, (#KEYS - 2) / 2 do
     -- A worker that got the message first has created the run already (see Client._trigger).
     if redis.call('EXISTS', run_key) == 0 then
       if delay > 0 then redis.call('HSET', run_key, 'not_before', now + delay) end
+      if scheduled ~= '0' then redis.call('HSET', run_key, 'scheduled_at', scheduled) end
       redis.call('HSET', run_key, 'task', task, 'queue', queue, 'status', status,
         'payload', payload, 'tags', tags, 'idem', idem, 'created_at', now,
         'attempt', 0, 'failures', 0, 'crashes', 0)
