@@ -1,5 +1,6 @@
-"""The scheduler process: every replica seeks the leader lease; the leader reaps and
-ingests dead letters until it stops or loses the lease, then a standby takes over."""
+"""The scheduler process: every replica registers the schedules its modules declare and
+seeks the leader lease; the leader fires cron ticks, reaps and ingests dead letters until
+it stops or loses the lease, then a standby takes over."""
 
 from __future__ import annotations
 

@@ -246,3 +246,9 @@ async def test_a_tick_run_republished_by_the_reaper_keeps_its_time(
         assert await Reaper(leader.runtime, leader.lease).reap() == 1
     assert await client.handle(run_id).result(timeout=20) == at
     assert (await client.get_run(run_id)).scheduled_at == datetime.fromtimestamp(at / 1000, UTC)
+
+
+async def test_a_run_no_schedule_made_has_no_scheduled_time(client: Client, worker: Worker) -> None:
+    handle = await client.trigger("ticked")
+    assert await handle.result(timeout=20) is None
+    assert (await handle.get()).scheduled_at is None
