@@ -56,12 +56,6 @@ from .validation import Invalid, delivery_count, validate
 log = logging.getLogger("conveyor.worker")
 
 _decoder = msgspec.json.Decoder(RunMessage)
-
-
-def _from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
 _encoder = msgspec.json.Encoder()
 
 # A message for a task this worker does not know is requeued this many times (another
@@ -564,3 +558,7 @@ def _requeue_pause(headers: Mapping[str, Any]) -> float:
     deliveries = headers.get("x-delivery-count")
     deliveries = deliveries if isinstance(deliveries, int) and deliveries >= 0 else 0
     return random.uniform(0.5, min(30.0, 1.0 * 2 ** min(deliveries, 5)))
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
