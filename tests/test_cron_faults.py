@@ -84,3 +84,25 @@ async def test_a_scheduler_whose_clock_is_off_neither_double_fires_nor_skips(
     times = await each_tick_ran_once(client, settings, "skew", 1000)
     assert times[0] == int(created.next_at.timestamp() * 1000)
     assert times[-1] >= int(took_over * 1000)
+
+
+@pytest.mark.timeout(150)
+async def test_a_leader_paused_past_its_lease_fires_nothing_twice(
+    client: Client, settings: Settings, spawn_worker: Any, spawn_scheduler: Any
+) -> None:
+    # Two leaders at once: the paused one wakes still believing it leads.
+    spawn_worker()
+    schedulers = {p.proc.pid: p for p in (spawn_scheduler(), spawn_scheduler())}
+    _, first = await wait_leader(settings)
+    created = await client.schedules.create("ticked", EVERY_SECOND, key="paused")
+    await asyncio.sleep(4)
+    schedulers[first].kill(signal.SIGSTOP)
+    await wait_leader(settings, other_than=first)
+    await asyncio.sleep(2)
+    schedulers[first].kill(signal.SIGCONT)
+    await asyncio.sleep(5)
+    await client.schedules.pause("paused")
+    times = await each_tick_ran_once(client, settings, "paused", 1000)
+    assert created.next_at is not None
+    assert times[0] == int(created.next_at.timestamp() * 1000) and len(times) >= 10
+    assert schedulers[first].proc.poll() is None  # it woke up and stood by
