@@ -34,8 +34,8 @@ class Cron:
     """One schedule of a task: a cron `expression` in `timezone`, or an `every` interval.
 
     `payload` holds the task's keyword arguments for each run; `key` names the schedule
-    (default: derived from the task id and the schedule, see `declared_key`). Checked
-    when made: a bad expression or unknown zone raises InvalidSchedule."""
+    (default for one a task declares: `{task_id}:{n}`, see scheduler/declared.py).
+    Checked when made: a bad expression or unknown zone raises InvalidSchedule."""
 
     expression: str | None = None
     _: KW_ONLY
