@@ -2,7 +2,9 @@
 
 import sys
 
-USAGE = "usage: python -m benchmarks compare|throughput|ladder [options]  (--help after any)"
+USAGE = (
+    "usage: python -m benchmarks compare|throughput|ladder|schedules [options]  (--help after any)"
+)
 
 
 def main() -> int:
@@ -15,6 +17,10 @@ def main() -> int:
         from benchmarks.ladder import main as ladder
 
         return ladder(rest)
+    if command == "schedules":
+        from benchmarks.schedules import main as schedules
+
+        return schedules(rest)
     if command == "throughput":
         from benchmarks.throughput import main as throughput
 

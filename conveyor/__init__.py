@@ -17,11 +17,13 @@ from conveyor._task import BoundTask, Task, registered_tasks, task
 from conveyor._tokens import Token, create_token, wait_for_token
 from conveyor._waits import Result, sleep, sleep_until
 from conveyor.shared.context import RunInfo, current_run
+from conveyor.shared.cron import Cron
 from conveyor.shared.errors import (
     ConfigurationError,
     ConveyorError,
     InvalidArguments,
     InvalidOption,
+    InvalidSchedule,
     InvalidWait,
     NonRetryableError,
     PayloadTooLarge,
@@ -29,6 +31,7 @@ from conveyor.shared.errors import (
     ResultTimeout,
     RunFailed,
     RunNotFound,
+    ScheduleNotFound,
     StepResultNotSerializable,
     TaskDefinitionError,
     TokenNotFound,
@@ -39,6 +42,7 @@ from conveyor.shared.errors import (
 )
 from conveyor.shared.models import AttemptInfo, Run, RunStatus
 from conveyor.shared.retry import Retry
+from conveyor.shared.schedules import Schedule
 from conveyor.shared.settings import Settings
 
 __all__ = [
@@ -47,8 +51,10 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "ConveyorError",
+    "Cron",
     "InvalidArguments",
     "InvalidOption",
+    "InvalidSchedule",
     "InvalidWait",
     "NonRetryableError",
     "PayloadTooLarge",
@@ -62,6 +68,8 @@ __all__ = [
     "RunInfo",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "Settings",
     "StepResultNotSerializable",
     "Task",

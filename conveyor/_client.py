@@ -35,9 +35,12 @@ from conveyor.shared.errors import (
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import Run, RunMessage, RunStatus
 from conveyor.shared.names import check_name
+from conveyor.shared.schedules import ScheduleStore
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import Created, NewRun, RunStore, decode_any
 from conveyor.shared.waits import WaitResult, woken_message
+
+from ._schedules import Schedules
 
 if TYPE_CHECKING:
     from ._task import Task, TriggerOptions
@@ -114,6 +117,7 @@ class Client:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._connect_lock = asyncio.Lock()
         self._tokens: list[Token[Client | None]] = []
+        self.schedules = Schedules(ScheduleStore(self.redis, self.store.pipe, self.store.keys))
 
     async def __aenter__(self) -> Client:
         self._tokens.append(_active.set(self))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import msgspec
 
 from conveyor.shared.context import current_context
+from conveyor.shared.cron import Cron
 from conveyor.shared.errors import InvalidArguments, RunFailed, TaskDefinitionError
 from conveyor.shared.names import check_name
 from conveyor.shared.retry import DEFAULT_RETRY, Retry
@@ -47,6 +49,7 @@ class Task(Generic[P, R]):
         queue: str | None,
         retry: Retry,
         max_duration: float | None,
+        cron: Sequence[Cron] = (),
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an async function")
@@ -68,6 +71,14 @@ class Task(Generic[P, R]):
         self.result_type: Any = hints.get("return", Any)
         self._result_decoder: msgspec.json.Decoder[R] = msgspec.json.Decoder(self.result_type)
         self._plain = BoundTask(self, TriggerOptions())
+        # Its schedules, registered by `conveyor scheduler` (scheduler/declared.py).
+        self.cron = list(cron)
+        for c in self.cron:
+            try:
+                self.encode_arguments((), c.payload)
+                self.decode_arguments(msgspec.json.encode(c.payload))
+            except InvalidArguments as exc:
+                raise TaskDefinitionError(f"task {id!r}: the payload of {c!r}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"Task({self.id!r}, queue={self.queue!r})"
@@ -204,15 +215,25 @@ def task(
     queue: str | None = None,
     retry: Retry | None = None,
     max_duration: float | None = None,
+    cron: str | Cron | Sequence[str | Cron] | None = None,
+    every: timedelta | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
     """Declare an async function as a durable task with a stable id.
 
     `queue` defaults to the id; `retry` to Retry(); `max_duration` (seconds) ends an
-    attempt that runs longer as TIMED_OUT."""
+    attempt that runs longer as TIMED_OUT. `cron` (an expression, a Cron or a list of
+    them) and `every` (an interval) schedule runs, fired by `conveyor scheduler`; a bad
+    expression or time zone raises InvalidSchedule here."""
+    schedules = _schedules(cron, every)
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
         defined = Task(
-            fn, id=id, queue=queue, retry=retry or DEFAULT_RETRY, max_duration=max_duration
+            fn,
+            id=id,
+            queue=queue,
+            retry=retry or DEFAULT_RETRY,
+            max_duration=max_duration,
+            cron=schedules,
         )
         existing = _registry.get(id)
         if existing is not None and (
@@ -227,6 +248,18 @@ def task(
         return defined
 
     return decorate
+
+
+def _schedules(
+    cron: str | Cron | Sequence[str | Cron] | None, every: timedelta | None
+) -> list[Cron]:
+    items: list[str | Cron] = (
+        [] if cron is None else [cron] if isinstance(cron, str | Cron) else list(cron)
+    )
+    out = [c if isinstance(c, Cron) else Cron(c) for c in items]
+    if every is not None:
+        out.append(Cron(every=every))
+    return out
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `conveyor` command: run workers, trigger tasks, inspect runs."""
+"""The `conveyor` command: run workers, trigger tasks, inspect runs and schedules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -23,6 +23,7 @@ from conveyor._client import Client
 from conveyor._task import registered_tasks
 from conveyor.shared.errors import ConveyorError, RunNotFound
 from conveyor.shared.models import Run, RunStatus
+from conveyor.shared.schedules import Schedule
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,30 @@ def build_parser() -> argparse.ArgumentParser:
     complete = tokens_sub.add_parser("complete", help="complete a token; its run resumes")
     complete.add_argument("token_id", metavar="TOKEN_ID")
     complete.add_argument("--data", default="null", help="JSON the waiting run receives")
+    schedules = sub.add_parser("schedules", help="cron schedules: list, create, pause, ...")
+    sched_sub = schedules.add_subparsers(dest="schedules_command", required=True)
+    sched_list = sched_sub.add_parser("list", help="every schedule, by key")
+    sched_list.add_argument("--json", action="store_true")
+    create = sched_sub.add_parser("create", help="create or update a schedule")
+    create.add_argument("task_id", metavar="TASK_ID")
+    when = create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help="5 fields, or 6 with seconds first")
+    when.add_argument("--every", type=float, help="interval in seconds")
+    create.add_argument("--timezone", default="UTC", help="IANA name (UTC)")
+    create.add_argument("--payload", default="{}", help="JSON object of arguments")
+    create.add_argument("--key", default=None, help="the schedule's key (default: derived)")
+    create.add_argument("--queue", default=None, help="the task's queue (default: its id)")
+    create.add_argument("--json", action="store_true")
+    for name, text in (
+        ("show", "one schedule"),
+        ("delete", "delete a schedule"),
+        ("pause", "stop firing until resumed"),
+        ("resume", "fire again from the next tick"),
+    ):
+        one = sched_sub.add_parser(name, help=text)
+        one.add_argument("key", metavar="KEY")
+        one.add_argument("--json", action="store_true")
+
     runs = sub.add_parser("runs", help="inspect runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     show = runs_sub.add_parser("show", help="one run with its attempts and steps")
@@ -225,13 +250,10 @@ def _worker(args: argparse.Namespace) -> int:
 
 async def _client_command(args: argparse.Namespace) -> int:
     async with Client(namespace=args.namespace) as client:
+        if args.command == "schedules":
+            return await _schedules_command(client, args)
         if args.command == "trigger":
-            try:
-                payload = msgspec.json.decode(args.payload)
-            except msgspec.DecodeError as exc:
-                raise ConveyorError(f"--payload is not valid JSON: {exc}") from exc
-            if not isinstance(payload, dict):
-                raise ConveyorError("--payload must be a JSON object of argument names to values")
+            payload = _payload(args.payload)
             handle = await client.trigger(args.task_id, payload)
             if not args.wait:
                 _out(args, {"id": handle.id}, handle.id)
@@ -288,6 +310,53 @@ async def _tree(client: Client, run_id: str) -> list[tuple[int, Run]]:
         nodes.append((depth, run))
         stack += [(depth + 1, c) for c in reversed(run.children)]
     return nodes
+
+
+async def _schedules_command(client: Client, args: argparse.Namespace) -> int:
+    command = args.schedules_command
+    if command == "list":
+        found = await client.schedules.list()
+        lines = [_schedule_line(s) for s in found]
+        _out(args, [msgspec.to_builtins(s) for s in found], "\n".join(lines) or "no schedules")
+        return 0
+    if command == "delete":
+        await client.schedules.delete(args.key)
+        _out(args, {"deleted": args.key}, f"deleted {args.key}")
+        return 0
+    if command == "create":
+        schedule = await client.schedules.create(
+            args.task_id,
+            args.cron,
+            every=None if args.every is None else timedelta(seconds=args.every),
+            timezone=args.timezone,
+            payload=_payload(args.payload),
+            key=args.key,
+            queue=args.queue,
+        )
+    elif command == "show":
+        schedule = await client.schedules.get(args.key)
+    elif command == "pause":
+        schedule = await client.schedules.pause(args.key)
+    else:
+        schedule = await client.schedules.resume(args.key)
+    _out(args, msgspec.to_builtins(schedule), _schedule_line(schedule))
+    return 0
+
+
+def _schedule_line(s: Schedule) -> str:
+    when = s.cron if s.cron is not None else f"every {s.every}"
+    state = "paused" if s.paused else f"next {_when(s.next_at)}"
+    return f"{s.key}  {s.task_id:<24} {when} ({s.timezone})  {state}  {_json(s.payload)}"
+
+
+def _payload(text: str) -> dict[str, Any]:
+    try:
+        payload = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ConveyorError(f"--payload is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ConveyorError("--payload must be a JSON object of argument names to values")
+    return payload
 
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:

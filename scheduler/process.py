@@ -1,5 +1,6 @@
-"""The scheduler process: every replica seeks the leader lease; the leader reaps and
-ingests dead letters until it stops or loses the lease, then a standby takes over."""
+"""The scheduler process: every replica registers the schedules its modules declare and
+seeks the leader lease; the leader fires cron ticks, reaps and ingests dead letters until
+it stops or loses the lease, then a standby takes over."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Mapping
+from typing import Any
 
 from conveyor.shared.settings import Settings
 
+from .cron import Ticker
 from .dead import DeadLetters
+from .declared import Declared
 from .lease import Lease, Refused
 from .reaper import Reaper
 from .runtime import Runtime
@@ -25,7 +30,15 @@ ERROR_PAUSE_MAX = 10.0
 
 
 class Scheduler:
-    def __init__(self, settings: Settings | None = None, *, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        namespace: str | None = None,
+        tasks: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`tasks` (default: every task imported so far): whose declared schedules it
+        registers."""
         self.settings = settings or Settings.from_env(namespace=namespace)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.runtime = Runtime(self.settings, f"conveyor-scheduler:{self.id}")
@@ -34,6 +47,8 @@ class Scheduler:
         )
         self.reaper = Reaper(self.runtime, self.lease)
         self.dead = DeadLetters(self.runtime)
+        self.ticker = Ticker(self.runtime, self.lease)
+        self.declared = Declared(tasks)
         self.refused = 0  # fenced writes refused after losing the lease
         self._stopping = asyncio.Event()
         self._leading = asyncio.Event()
@@ -50,6 +65,7 @@ class Scheduler:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._keep_lease())
                 group.create_task(self._duties())
+                group.create_task(self._cron())
         finally:
             with contextlib.suppress(Exception):
                 await self.lease.release()  # a standby takes over at once
@@ -111,6 +127,45 @@ class Scheduler:
                 self._leading.clear()
             except Exception as exc:
                 log.warning("scheduler duties failed (%r); retrying in %.1fs", exc, pause)
+                pause = await self._pause(pause)
+
+    async def _cron(self) -> None:
+        """Register the declared schedules (any replica: the writes are idempotent), then
+        fire ticks while leading, on a cadence of their own: a tick is due to the second."""
+        pause = ERROR_PAUSE
+        declared = self.declared
+        while declared.task_ids and not self._stopping.is_set():
+            try:
+                changed = await self.ticker.schedules.register(
+                    declared.schedules, declared.task_ids
+                )
+                log.info(
+                    "registered %d declared schedules (%d changed)",
+                    len(declared.schedules),
+                    changed,
+                )
+                break
+            except Exception as exc:
+                log.warning("registering schedules failed (%r); retrying in %.1fs", exc, pause)
+                pause = await self._pause(pause)
+        pause = ERROR_PAUSE
+        while not self._stopping.is_set():
+            await self._wait_leading()
+            if self._stopping.is_set():
+                return
+            if not self.lease.held():
+                self._leading.clear()
+                continue
+            try:
+                await self._sleep(await self.ticker.tick())
+                pause = ERROR_PAUSE
+            except Refused as exc:
+                self.refused += 1
+                log.warning("fenced write refused (%d so far): %s", self.refused, exc)
+                self.lease.lose()
+                self._leading.clear()
+            except Exception as exc:
+                log.warning("cron ticks failed (%r); retrying in %.1fs", exc, pause)
                 pause = await self._pause(pause)
 
     async def _wait_leading(self) -> None:

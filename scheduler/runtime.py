@@ -12,7 +12,7 @@ from conveyor.shared.scripts import Scripts
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import RunStore
 
-SCRIPTS = ["sched_lease", "sched_due", "dead_add", "dead_run", "dead_reopen"]
+SCRIPTS = ["sched_lease", "sched_due", "sched_tick", "dead_add", "dead_run", "dead_reopen"]
 
 
 class Runtime:

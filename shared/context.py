@@ -7,6 +7,7 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -26,6 +27,9 @@ class RunInfo(msgspec.Struct, frozen=True):
     # Inside a step: a key for the step's side effects, the same on every attempt of the
     # run, to pass to an API that takes an idempotency key (a payment, an email).
     step_idempotency_key: str | None = None
+    # The time its cron tick was scheduled for (not when it fired); None unless a
+    # schedule made the run.
+    scheduled_at: datetime | None = None
 
 
 # Starts child runs for a waiting step: creates those not created yet and publishes them.
@@ -229,7 +233,8 @@ def set_context(ctx: RunContext | None) -> None:
 
 
 def current_run() -> RunInfo:
-    """The run this code executes in: id, task id and attempt number."""
+    """The run this code executes in: id, task id, attempt number and, for a run a
+    schedule made, the time its tick was scheduled for."""
     ctx = _current.get()
     if ctx is None:
         raise ConveyorError("current_run() was called outside a conveyor run")

@@ -2,6 +2,7 @@
 
 ConveyorError
 ├── ConfigurationError        a setting is missing or invalid
+│   └── InvalidSchedule       a cron expression, time zone, interval or schedule key is bad
 ├── TaskDefinitionError       a @task or @step cannot be used as written
 ├── TriggerError              a run could not be triggered
 │   ├── InvalidArguments      arguments do not match the task's signature
@@ -12,6 +13,7 @@ ConveyorError
 ├── ServiceUnavailable        Redis or RabbitMQ stayed unavailable for as long as work may wait
 ├── RunLost                   this attempt no longer owns its run (taken over or ended)
 ├── RunNotFound               no run with that id (never existed or expired)
+├── ScheduleNotFound          no schedule with that key
 ├── RunFailed                 a run ended in a terminal state other than COMPLETED
 ├── ResultTimeout             a run did not finish within the wait (also a TimeoutError)
 └── NonRetryableError         raised by task code: fail the run now, no retries
@@ -27,6 +29,22 @@ class ConveyorError(Exception):
 
 class ConfigurationError(ConveyorError):
     pass
+
+
+class InvalidSchedule(ConfigurationError):
+    """A schedule cannot be used as declared; `field` names the part to fix (expression,
+    timezone, every, key)."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"invalid schedule {field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+class ScheduleNotFound(ConveyorError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no schedule {key!r} in this namespace")
+        self.key = key
 
 
 class TaskDefinitionError(ConveyorError):

@@ -17,6 +17,10 @@ class Keys:
         self.due = f"{namespace}:{{sched}}:due"
         self.dead = f"{namespace}:{{sched}}:dead"
         self.dead_index = f"{namespace}:{{sched}}:dead:index"
+        # schedule key -> its record (shared/schedules.py); key -> next fire time, epoch ms,
+        # for the schedules that are not paused (the cron ticker's due index)
+        self.schedules = f"{namespace}:{{sched}}:schedules"
+        self.schedules_due = f"{namespace}:{{sched}}:schedules:due"
 
     def run(self, run_id: str) -> str:
         return f"{self.namespace}:{{{run_id}}}:run"

@@ -52,6 +52,8 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
     tags: list[str] = msgspec.field(default_factory=list)
     # Epoch milliseconds before which the run must not start; set for delays and retries.
     not_before: int | None = None
+    # Epoch milliseconds of the cron tick that made this run (scheduler/cron.py).
+    scheduled_at: int | None = None
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
@@ -98,3 +100,5 @@ class Run(msgspec.Struct, frozen=True):
     parent: str | None = None
     root: str | None = None
     children: list[str] = msgspec.field(default_factory=list)
+    # The cron tick's time, for a run a schedule made.
+    scheduled_at: datetime | None = None

@@ -50,6 +50,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     reap_interval: float = 5.0
     # Dead-letter records kept; beyond it the oldest are dropped.
     dead_letters_max: int = 10000
+    # Cron ticks missed by at most this long (no scheduler led, Redis was down) fire late,
+    # once each; older ones are skipped and logged. Longer than a leader takeover.
+    cron_catch_up: float = 300.0
+    # Added to the time the scheduler reads (Redis's TIME): a test hook that simulates a
+    # scheduler whose clock is off. Leave it at 0.
+    scheduler_clock_offset: float = 0.0
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
@@ -71,6 +77,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "reap_after",
             "reap_interval",
             "dead_letters_max",
+            "cron_catch_up",
         ):
             if getattr(self, field) <= 0:
                 raise ConfigurationError(f"{field} must be positive, got {getattr(self, field)!r}")

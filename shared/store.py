@@ -52,6 +52,8 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     parent: str | None = None
     parent_step: str | None = None
     root: str | None = None
+    # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
+    scheduled_at: int = 0
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -122,6 +124,7 @@ class Woken(msgspec.Struct, frozen=True, gc=False):
     queue: str
     payload: bytes
     tags: list[str]
+    scheduled_at: int | None = None
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -226,9 +229,12 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        groups: dict[tuple[str, str, tuple[str, ...], int, str | None], list[int]] = {}
+        # One create.lua call per task, queue, tags, delay, parent and cron tick.
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int]
+        groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
-            group = (run.task_id, run.queue, tuple(run.tags), run.delay_ms, run.parent)
+            tags = tuple(run.tags)
+            group = (run.task_id, run.queue, tags, run.delay_ms, run.parent, run.scheduled_at)
             groups.setdefault(group, []).append(i)
         chunks = [
             positions[start : start + CREATE_CHUNK]
@@ -265,7 +271,8 @@ class RunStore:
                 future.set_result(cast(list[Created], mine))
 
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
-        """One create.lua call for runs of the same task, queue, tags and delay."""
+        """One create.lua call for runs of the same task, queue, tags, delay, parent and
+        tick."""
         first = runs[0]
         keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
@@ -276,6 +283,7 @@ class RunStore:
             self._idem_ttl,
             first.parent or "",
             first.root or "",
+            first.scheduled_at,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -480,8 +488,14 @@ class RunStore:
         )
         if reply[0] != b"wake":
             return None
-        task, queue, payload, tags = reply[1:5]
-        return Woken(task.decode(), queue.decode(), payload, _tags_decoder.decode(tags))
+        task, queue, payload, tags, scheduled = reply[1:6]
+        return Woken(
+            task.decode(),
+            queue.decode(),
+            payload,
+            _tags_decoder.decode(tags),
+            int(scheduled) if scheduled else None,
+        )
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
         """Create a wait token (token_create.lua); its expiry, epoch ms. Creating it again
@@ -576,11 +590,13 @@ class RunStore:
             for run_id in run_ids:
                 pipe.hmget(
                     self.keys.run(run_id),
-                    ["task", "queue", "payload", "tags", "idem", "not_before"],
+                    ["task", "queue", "payload", "tags", "idem", "not_before", "scheduled_at"],
                 )
             replies: list[Any] = await pipe.execute()
         out: list[Republish | None] = []
-        for run_id, (task, queue, payload, tags, idem, nb) in zip(run_ids, replies, strict=True):
+        for run_id, (task, queue, payload, tags, idem, nb, sched) in zip(
+            run_ids, replies, strict=True
+        ):
             if task is None or queue is None:
                 out.append(None)
                 continue
@@ -591,6 +607,7 @@ class RunStore:
                 idempotency_key=idem.decode() if idem else None,
                 tags=_tags_decoder.decode(tags or b"[]"),
                 not_before=int(nb) if nb and int(nb) > 0 else None,
+                scheduled_at=int(sched) if sched else None,
             )
             out.append(Republish(queue.decode(), message))
         return out
@@ -676,6 +693,7 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         steps=steps,
         parent=f[b"parent"].decode() if b"parent" in f else None,
         root=f[b"root"].decode() if b"root" in f else None,
+        scheduled_at=_ms(f.get(b"scheduled_at")),
     )
 
 

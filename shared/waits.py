@@ -50,7 +50,11 @@ def child_result(status: str, output: bytes, error: str) -> bytes:
 def woken_message(run_id: str, woken: Woken) -> RunMessage:
     """The message that resumes a run nothing is left to wait for."""
     return RunMessage(
-        task=woken.task, payload=msgspec.Raw(woken.payload or b"{}"), id=run_id, tags=woken.tags
+        task=woken.task,
+        payload=msgspec.Raw(woken.payload or b"{}"),
+        id=run_id,
+        tags=woken.tags,
+        scheduled_at=woken.scheduled_at,
     )
 
 

@@ -449,3 +449,14 @@ async def top_slow(seconds: float) -> int:
 
 
 ALL += [middle_slow, top_slow]
+
+
+@task(id="ticked", retry=Retry(max_attempts=1))
+async def ticked() -> int | None:
+    """Fired by schedules (test_schedules, test_cron_faults): returns its scheduled time."""
+    await record("tick")
+    at = current_run().scheduled_at
+    return None if at is None else int(at.timestamp() * 1000)
+
+
+ALL += [ticked]

@@ -153,3 +153,23 @@ def test_the_ladder_benchmark_runs_both_kinds(services: Services) -> None:
     for name in ("declare", "idle", "raw", "delayed runs", "retries"):
         for kind in ("classic", "quorum"):
             assert f"{name:13} {kind:8}" in medians
+
+
+def test_the_schedules_benchmark_runs(services: Services) -> None:
+    env = {
+        **os.environ,
+        "CONVEYOR_AMQP_URL": services.amqp_url,
+        "CONVEYOR_REDIS_URL": services.redis_url,
+    }
+    argv = ["schedules", "--schedules", "50", "--cron", "* * * * * *", "--seconds", "3"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "50 schedules '* * * * * *', 3 s: scheduler CPU" in done.stdout
+    assert "ticks fired in" in done.stdout

@@ -13,8 +13,10 @@ PUBLIC = [
     "Client",
     "ConfigurationError",
     "ConveyorError",
+    "Cron",
     "InvalidArguments",
     "InvalidOption",
+    "InvalidSchedule",
     "InvalidWait",
     "NonRetryableError",
     "PayloadTooLarge",
@@ -28,6 +30,8 @@ PUBLIC = [
     "RunInfo",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "Settings",
     "StepResultNotSerializable",
     "Task",
@@ -111,5 +115,7 @@ def test_error_hierarchy() -> None:
     ):
         assert issubclass(child, c.TriggerError)
     assert issubclass(c.StepResultNotSerializable, c.NonRetryableError)
+    assert issubclass(c.InvalidSchedule, c.ConfigurationError)
+    assert issubclass(c.ScheduleNotFound, c.ConveyorError)
     assert issubclass(c.ResultTimeout, TimeoutError)
     assert issubclass(c.TokenTimeout, TimeoutError)

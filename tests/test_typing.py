@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 
 SNIPPET = """
-from conveyor import Client, RunInfo, current_run, run_step, step, task
+from datetime import timedelta
+
+from conveyor import Client, Cron, RunInfo, current_run, run_step, step, task
 
 
 @task(id="typing-add")
@@ -54,6 +56,11 @@ async def main(client: Client) -> None:
     await run_step("parse", parse, "x")  # E: call-overload
     info: RunInfo = current_run()
     reveal_type(info.attempt)  # R: int
+    reveal_type(info.scheduled_at)  # R: datetime | None
+    reveal_type(await client.schedules.create("typing-add", "* * * * *", payload={"a": 1}))  # R: Schedule
+    reveal_type(await client.schedules.list())  # R: list[Schedule]
+    task(id="typing-cron", cron=[Cron("0 9 * * *", timezone="Europe/Paris")], every=timedelta(hours=1))
+    task(id="typing-cron-2", cron=3)  # E: arg-type
     task(id="not-async")(not_async)  # E: arg-type
     reveal_type(await add.trigger_and_wait(1, b=2))  # R: list[str]
     await add.trigger_and_wait("1")  # E: arg-type

@@ -18,6 +18,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -386,7 +387,16 @@ class Worker:
             claim = await self.admission.claim(msg.id)
         if claim.kind == "missing":
             # Triggered straight through the broker (wire format): the run starts here.
-            new = NewRun(msg.id, msg.task, queue, payload, msg.tags, msg.idempotency_key, 0)
+            new = NewRun(
+                msg.id,
+                msg.task,
+                queue,
+                payload,
+                msg.tags,
+                msg.idempotency_key,
+                0,
+                scheduled_at=msg.scheduled_at or 0,
+            )
             [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
                 log.info("run %s: idempotency key already used by %s", msg.id, created.run_id)
@@ -490,7 +500,12 @@ class Worker:
         assert run_id is not None
         execution = Execution(run_id, attempt, task.id, queue, message, claimed_at)
         ctx = RunContext(
-            RunInfo(run_id, task.id, attempt),
+            RunInfo(
+                run_id,
+                task.id,
+                attempt,
+                scheduled_at=None if msg.scheduled_at is None else _from_ms(msg.scheduled_at),
+            ),
             self.store,
             checkpoints,
             worker=self.id,
@@ -639,3 +654,7 @@ def _requeue_pause(headers: Mapping[str, Any]) -> float:
     deliveries = headers.get("x-delivery-count")
     deliveries = deliveries if isinstance(deliveries, int) and deliveries >= 0 else 0
     return random.uniform(0.5, min(30.0, 1.0 * 2 ** min(deliveries, 5)))
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
