@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from conveyor import Client, InvalidSchedule, RunStatus, ScheduleNotFound, Settings
+from conveyor.scheduler import cron
 from conveyor.scheduler.cron import Ticker
 from conveyor.scheduler.lease import Lease, Refused
 from conveyor.scheduler.reaper import Reaper
@@ -252,3 +253,19 @@ async def test_a_run_no_schedule_made_has_no_scheduled_time(client: Client, work
     handle = await client.trigger("ticked")
     assert await handle.result(timeout=20) is None
     assert (await handle.get()).scheduled_at is None
+
+
+async def test_a_long_catch_up_fires_in_rounds(
+    settings: Settings, client: Client, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cron, "MAX_TICKS", 4)
+    async with Leader(settings) as leader:
+        now = await leader.ticker.now_ms()
+        start = (now - 5000) // 1000 * 1000
+        every = make_record("ticked", None, every=timedelta(seconds=1))
+        for key in ("r1", "r2", "r3"):
+            await put_due(leader, key, every, start)
+        await leader.ticker.tick()
+        for key in ("r1", "r2", "r3"):
+            times = await each_tick_ran_once(client, settings, key, 1000)
+            assert times[0] == start and times[-1] >= now - 1000
