@@ -45,6 +45,9 @@ log = logging.getLogger("conveyor.scheduler")
 
 # Schedules fired per round trip; a pass takes rounds until nothing more is due.
 BATCH = 1000
+# Ticks fired per round: a long catch-up (many schedules, many missed ticks each) goes
+# on over several rounds rather than in one huge create and publish.
+MAX_TICKS = 5000
 # The longest the ticker sleeps: a schedule created or resumed meanwhile, due sooner
 # than what it saw, fires at most this late.
 MAX_SLEEP = 0.5
@@ -85,8 +88,8 @@ class Ticker:
                 self.rt.keys.schedules_due, "-inf", now, start=0, num=BATCH, withscores=True
             )
             if due:
-                await self._fire([(k.decode(), int(score)) for k, score in due], now)
-                if len(due) == BATCH:
+                more = await self._fire([(k.decode(), int(score)) for k, score in due], now)
+                if more or len(due) == BATCH:
                     continue
             head: list[Any] = await self.rt.redis.zrange(
                 self.rt.keys.schedules_due, 0, 0, withscores=True
@@ -97,17 +100,21 @@ class Ticker:
             return min(max(int(head[0][1]) - now + 2, 1) / 1000, MAX_SLEEP)
         return MAX_SLEEP
 
-    async def _fire(self, due: list[tuple[str, int]], now: int) -> None:
+    async def _fire(self, due: list[tuple[str, int]], now: int) -> bool:
+        """Fire the ticks of these schedules up to `now`, at most MAX_TICKS; True if some
+        were left for the next round."""
         raws: list[Any] = await self.rt.redis.hmget(self.rt.keys.schedules, [k for k, _ in due])
         ticks: list[Tick] = []
         moves: list[Arg] = []
         for (key, fire), raw in zip(due, raws, strict=True):
+            if len(ticks) >= MAX_TICKS:
+                break  # the rest stay due, unmoved
             if raw is None:
                 # No record (deleted by hand, or a write of another version): no due entry.
                 moves += (key, fire, "")
                 continue
             try:
-                mine, after = self._walk(key, raw, fire, now)
+                mine, after = self._walk(key, raw, fire, now, MAX_TICKS - len(ticks))
             except (InvalidSchedule, msgspec.ValidationError, msgspec.DecodeError) as exc:
                 # Stored by another version, or its zone left this system's database.
                 log.error("schedule %r cannot fire: %s; looking again in a minute", key, exc)
@@ -127,6 +134,7 @@ class Ticker:
         if not ok:
             raise Refused(f"schedule moves refused: epoch {self.lease.epoch} lost the lease")
         self.fired += len(ticks)
+        return len(ticks) >= MAX_TICKS
 
     async def _start(self, ticks: Sequence[Tick]) -> None:
         runs = [
@@ -164,8 +172,11 @@ class Ticker:
                 # The runs exist: the reaper republishes them (reap_after past due).
                 log.warning("cannot publish %d ticks to queue %r: %s", len(outgoing), queue, exc)
 
-    def _walk(self, key: str, raw: bytes, fire: int, now: int) -> tuple[list[Tick], int]:
-        """The ticks of one schedule from `fire` up to `now`, and the fire time after them."""
+    def _walk(
+        self, key: str, raw: bytes, fire: int, now: int, limit: int
+    ) -> tuple[list[Tick], int]:
+        """The ticks of one schedule from `fire` up to `now` (at most `limit`), and the
+        fire time after them."""
         record, spec = self._spec(raw)
         if fire < now - self.catch_up_ms:
             start, fire = fire, spec.next_after(now - self.catch_up_ms - 1)
@@ -179,7 +190,7 @@ class Ticker:
                 self.catch_up_ms / 1000,
             )
         ticks: list[Tick] = []
-        while fire <= now:
+        while fire <= now and len(ticks) < limit:
             ticks.append(Tick(key, record, fire))
             fire = spec.next_after(fire)
         return ticks, fire
