@@ -278,6 +278,22 @@ class Publisher:
         for start in range(0, len(routed), _WINDOW):
             await self._send(routed[start : start + _WINDOW])
 
+    async def publish_by_queue(self, messages: Sequence[Outgoing]) -> dict[str, PublishFailed]:
+        """Publish the messages queue by queue, declaring each queue first, so that one
+        queue that cannot take them (deleted, declared with other arguments) does not
+        hold up the others; returns the failures, by queue."""
+        by_queue: dict[str, list[Outgoing]] = {}
+        for m in messages:
+            by_queue.setdefault(m.queue, []).append(m)
+        failed: dict[str, PublishFailed] = {}
+        for queue, outgoing in by_queue.items():
+            try:
+                await self.ensure_queue(queue)
+                await self.publish(outgoing)
+            except PublishFailed as exc:
+                failed[queue] = exc
+        return failed
+
     async def dead_letter(
         self, body: bytes, queue: str, reason: str, headers: Headers, run_id: str | None = None
     ) -> None:

@@ -32,7 +32,7 @@ import msgspec
 
 from conveyor.broker.publisher import Outgoing
 from conveyor.shared.cron import Spec, tick_run_id
-from conveyor.shared.errors import InvalidSchedule, PublishFailed
+from conveyor.shared.errors import InvalidSchedule
 from conveyor.shared.models import RunMessage
 from conveyor.shared.pipe import Arg
 from conveyor.shared.schedules import ScheduleRecord, ScheduleStore, decode
@@ -153,24 +153,24 @@ class Ticker:
         await self.rt.store.create(runs)
         if not self.lease.held():
             raise Refused("lease lost before publishing ticks")
-        by_queue: dict[str, list[Outgoing]] = {}
-        for run in runs:
-            message = RunMessage(
-                task=run.task_id,
-                payload=msgspec.Raw(run.payload),
-                id=run.run_id,
-                scheduled_at=run.scheduled_at,
+        outgoing = [
+            Outgoing(
+                run.queue,
+                _encoder.encode(
+                    RunMessage(
+                        task=run.task_id,
+                        payload=msgspec.Raw(run.payload),
+                        id=run.run_id,
+                        scheduled_at=run.scheduled_at,
+                    )
+                ),
+                message_id=run.run_id,
             )
-            by_queue.setdefault(run.queue, []).append(
-                Outgoing(run.queue, _encoder.encode(message), message_id=run.run_id)
-            )
-        for queue, outgoing in by_queue.items():
-            try:
-                await self.rt.publisher.ensure_queue(queue)
-                await self.rt.publisher.publish(outgoing)
-            except PublishFailed as exc:
-                # The runs exist: the reaper republishes them (reap_after past due).
-                log.warning("cannot publish %d ticks to queue %r: %s", len(outgoing), queue, exc)
+            for run in runs
+        ]
+        # The runs exist: the reaper republishes those not published (reap_after past due).
+        for queue, exc in (await self.rt.publisher.publish_by_queue(outgoing)).items():
+            log.warning("cannot publish ticks to queue %r: %s", queue, exc)
 
     def _walk(
         self, key: str, raw: bytes, fire: int, now: int, limit: int

@@ -121,10 +121,7 @@ class Scheduler:
                 pause = ERROR_PAUSE
                 await self._sleep(self.settings.reap_interval)
             except Refused as exc:
-                self.refused += 1
-                log.warning("fenced write refused (%d so far): %s", self.refused, exc)
-                self.lease.lose()
-                self._leading.clear()
+                self._refused(exc)
             except Exception as exc:
                 log.warning("scheduler duties failed (%r); retrying in %.1fs", exc, pause)
                 pause = await self._pause(pause)
@@ -160,13 +157,17 @@ class Scheduler:
                 await self._sleep(await self.ticker.tick())
                 pause = ERROR_PAUSE
             except Refused as exc:
-                self.refused += 1
-                log.warning("fenced write refused (%d so far): %s", self.refused, exc)
-                self.lease.lose()
-                self._leading.clear()
+                self._refused(exc)
             except Exception as exc:
                 log.warning("cron ticks failed (%r); retrying in %.1fs", exc, pause)
                 pause = await self._pause(pause)
+
+    def _refused(self, exc: Refused) -> None:
+        """A fenced write found the lease gone: stop leading until it is won again."""
+        self.refused += 1
+        log.warning("fenced write refused (%d so far): %s", self.refused, exc)
+        self.lease.lose()
+        self._leading.clear()
 
     async def _wait_leading(self) -> None:
         stopping = asyncio.ensure_future(self._stopping.wait())

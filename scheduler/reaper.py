@@ -25,7 +25,6 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
-from conveyor.shared.errors import PublishFailed
 from conveyor.shared.models import RunStatus
 from conveyor.shared.pipe import Arg
 from conveyor.shared.store import RunState
@@ -113,23 +112,18 @@ class Reaper:
     async def _republish(self, run_ids: Sequence[str]) -> None:
         if not self.lease.held():
             raise Refused("lease lost before republishing")
-        by_queue: dict[str, list[Outgoing]] = {}
-        for r in await self.rt.store.republishes(run_ids):
-            if r is not None:
-                body = _encoder.encode(r.message)
-                by_queue.setdefault(r.queue, []).append(
-                    Outgoing(r.queue, body, message_id=r.message.id)
-                )
-        for queue, outgoing in by_queue.items():
-            try:
-                await self.rt.publisher.ensure_queue(queue)
-                await self.rt.publisher.publish(outgoing)
-            except PublishFailed as exc:
-                # One queue that cannot take them (deleted, declared with other arguments)
-                # must not hold up the others: its runs are tried again after the backoff.
-                log.warning("cannot republish %d runs to queue %r: %s", len(outgoing), queue, exc)
-                continue
-            log.info("republished %d stranded runs to queue %r", len(outgoing), queue)
+        outgoing = [
+            Outgoing(r.queue, _encoder.encode(r.message), message_id=r.message.id)
+            for r in await self.rt.store.republishes(run_ids)
+            if r is not None
+        ]
+        failed = await self.rt.publisher.publish_by_queue(outgoing)
+        # A queue that cannot take them: its runs are tried again after the backoff.
+        for queue, exc in failed.items():
+            log.warning("cannot republish runs to queue %r: %s", queue, exc)
+        published = sum(o.queue not in failed for o in outgoing)
+        if published:
+            log.info("republished %d stranded runs", published)
         if len(self._times) > MAX_TRACKED:
             self._times.clear()  # only the backoff is lost
 

@@ -459,26 +459,30 @@ class Worker:
         """Create and publish the child runs a waiting step starts (those created by an
         earlier try are there already: a crash before their publish is the reaper's)."""
         created = await self.redis_gate.call(lambda: self.store.create(children))
-        fresh = [c for c, made in zip(children, created, strict=True) if made.new]
-        by_queue: dict[str, list[Outgoing]] = {}
-        for child in fresh:
-            body = _encoder.encode(
-                RunMessage(
-                    task=child.task_id,
-                    payload=msgspec.Raw(child.payload),
-                    id=child.run_id,
-                    tags=child.tags,
-                )
+        outgoing = [
+            Outgoing(
+                child.queue,
+                _encoder.encode(
+                    RunMessage(
+                        task=child.task_id,
+                        payload=msgspec.Raw(child.payload),
+                        id=child.run_id,
+                        tags=child.tags,
+                    )
+                ),
+                message_id=child.run_id,
+                delay_ms=child.delay_ms,
             )
-            by_queue.setdefault(child.queue, []).append(
-                Outgoing(child.queue, body, message_id=child.run_id)
-            )
-        for queue, outgoing in by_queue.items():
-            await self._publish_all(queue, outgoing)
+            for child, made in zip(children, created, strict=True)
+            if made.new
+        ]
+        if outgoing:
+            await self.broker_gate.call(lambda: self._publish_children(outgoing))
 
-    async def _publish_all(self, queue: str, outgoing: list[Outgoing]) -> None:
-        await self.broker_gate.call(lambda: self.publisher.ensure_queue(queue))
-        await self.broker_gate.call(lambda: self.publisher.publish(outgoing))
+    async def _publish_children(self, outgoing: list[Outgoing]) -> None:
+        for queue in {o.queue for o in outgoing}:
+            await self.publisher.ensure_queue(queue)
+        await self.publisher.publish(outgoing)
 
     async def _create(self, run: NewRun) -> list[Created]:
         return await self.store.create([run])
