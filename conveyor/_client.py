@@ -163,6 +163,7 @@ class Client:
         delay: float | None = None,
         tags: Sequence[str] | None = None,
         queue: str | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle[Any]:
         """Trigger a task by id with a JSON-compatible payload of keyword arguments."""
         from ._task import TriggerOptions
@@ -172,7 +173,12 @@ class Client:
             body = msgspec.json.encode(dict(payload or {}))
         except (TypeError, ValueError) as exc:
             raise InvalidArguments(task_id, f"payload is not JSON-serializable: {exc}") from exc
-        opts = TriggerOptions(idempotency_key=idempotency_key, delay=delay, tags=list(tags or []))
+        opts = TriggerOptions(
+            idempotency_key=idempotency_key,
+            delay=delay,
+            tags=list(tags or []),
+            concurrency_key=concurrency_key,
+        )
         [handle] = await self._trigger(task_id, queue or task_id, [body], opts, decode_any)
         return handle
 
@@ -197,7 +203,7 @@ class Client:
             raise InvalidOption(
                 "delay", f"must be 0 to {MAX_DELAY_MS // 1000} seconds, got {opts.delay}"
             )
-        problem = options_problem(opts.idempotency_key, opts.tags)
+        problem = options_problem(opts.idempotency_key, opts.tags, opts.concurrency_key)
         if problem is not None:
             raise InvalidOption(*problem)
         if opts.idempotency_key is not None and len(payloads) > 1:
@@ -221,6 +227,7 @@ class Client:
                 delay_ms,
                 parent=parent,
                 root=root,
+                concurrency_key=opts.concurrency_key or "",
             )
             for body in payloads
         ]
@@ -290,6 +297,7 @@ class Client:
                         idempotency_key=run.idempotency_key,
                         tags=run.tags,
                         not_before=not_before,
+                        concurrency_key=run.concurrency_key or None,
                     )
                 ),
                 message_id=run.run_id,

@@ -45,6 +45,7 @@ def _child(
         parent=ctx.info.id,
         parent_step=key,
         root=ctx.root,
+        concurrency_key=opts.concurrency_key or "",
     )
 
 

@@ -54,6 +54,11 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
     not_before: int | None = None
     # Epoch milliseconds of the cron tick that made this run (scheduler/cron.py).
     scheduled_at: int | None = None
+    # Counts the run under this key of its task's per-key concurrency limit.
+    concurrency_key: str | None = None
+    # A start reserved from the task's rate limit ("epoch:ms", shared/limiter.py), set by
+    # the worker that deferred the run to that time.
+    reserved: str | None = None
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
@@ -102,3 +107,6 @@ class Run(msgspec.Struct, frozen=True):
     children: list[str] = msgspec.field(default_factory=list)
     # The cron tick's time, for a run a schedule made.
     scheduled_at: datetime | None = None
+    concurrency_key: str | None = None
+    # Why a QUEUED run has not started: the rate or concurrency limit it waits for.
+    throttled: str | None = None

@@ -54,6 +54,7 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     root: str | None = None
     # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
     scheduled_at: int = 0
+    concurrency_key: str = ""
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -125,6 +126,7 @@ class Woken(msgspec.Struct, frozen=True, gc=False):
     payload: bytes
     tags: list[str]
     scheduled_at: int | None = None
+    concurrency_key: str | None = None
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -140,6 +142,8 @@ class RunState(msgspec.Struct, frozen=True, gc=False):
     attempt: int
     not_before: int
     lease_until: int
+    # Parked by a concurrency limit (or deferred by a rate limit): the limit wakes it.
+    throttled: bool = False
 
 
 class Republish(msgspec.Struct, frozen=True):
@@ -230,11 +234,19 @@ class RunStore:
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
         # One create.lua call per task, queue, tags, delay, parent and cron tick.
-        Group = tuple[str, str, tuple[str, ...], int, str | None, int]
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str]
         groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
             tags = tuple(run.tags)
-            group = (run.task_id, run.queue, tags, run.delay_ms, run.parent, run.scheduled_at)
+            group = (
+                run.task_id,
+                run.queue,
+                tags,
+                run.delay_ms,
+                run.parent,
+                run.scheduled_at,
+                run.concurrency_key,
+            )
             groups.setdefault(group, []).append(i)
         chunks = [
             positions[start : start + CREATE_CHUNK]
@@ -284,6 +296,7 @@ class RunStore:
             first.parent or "",
             first.root or "",
             first.scheduled_at,
+            first.concurrency_key,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -488,13 +501,14 @@ class RunStore:
         )
         if reply[0] != b"wake":
             return None
-        task, queue, payload, tags, scheduled = reply[1:6]
+        task, queue, payload, tags, scheduled, ckey = reply[1:7]
         return Woken(
             task.decode(),
             queue.decode(),
             payload,
             _tags_decoder.decode(tags),
             int(scheduled) if scheduled else None,
+            ckey.decode() or None,
         )
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
@@ -574,14 +588,21 @@ class RunStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for run_id in run_ids:
                 pipe.hmget(
-                    self.keys.run(run_id), ["status", "attempt", "not_before", "lease_until"]
+                    self.keys.run(run_id),
+                    ["status", "attempt", "not_before", "lease_until", "throttle"],
                 )
             replies: list[Any] = await pipe.execute()
         return [
             None
             if status is None
-            else RunState(RunStatus(status.decode()), int(attempt or 0), int(nb or 0), int(lu or 0))
-            for status, attempt, nb, lu in replies
+            else RunState(
+                RunStatus(status.decode()),
+                int(attempt or 0),
+                int(nb or 0),
+                int(lu or 0),
+                throttle is not None,
+            )
+            for status, attempt, nb, lu, throttle in replies
         ]
 
     async def republishes(self, run_ids: Sequence[str]) -> list[Republish | None]:
@@ -590,11 +611,20 @@ class RunStore:
             for run_id in run_ids:
                 pipe.hmget(
                     self.keys.run(run_id),
-                    ["task", "queue", "payload", "tags", "idem", "not_before", "scheduled_at"],
+                    [
+                        "task",
+                        "queue",
+                        "payload",
+                        "tags",
+                        "idem",
+                        "not_before",
+                        "scheduled_at",
+                        "ckey",
+                    ],
                 )
             replies: list[Any] = await pipe.execute()
         out: list[Republish | None] = []
-        for run_id, (task, queue, payload, tags, idem, nb, sched) in zip(
+        for run_id, (task, queue, payload, tags, idem, nb, sched, ckey) in zip(
             run_ids, replies, strict=True
         ):
             if task is None or queue is None:
@@ -608,6 +638,7 @@ class RunStore:
                 tags=_tags_decoder.decode(tags or b"[]"),
                 not_before=int(nb) if nb and int(nb) > 0 else None,
                 scheduled_at=int(sched) if sched else None,
+                concurrency_key=ckey.decode() if ckey else None,
             )
             out.append(Republish(queue.decode(), message))
         return out
@@ -665,10 +696,11 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
     output_raw = f.get(b"output")
     idem = f.get(b"idem", b"").decode()
     error = f.get(b"error")
+    status = RunStatus(f[b"status"].decode())
     return Run(
         id=run_id,
         task_id=f[b"task"].decode(),
-        status=RunStatus(f[b"status"].decode()),
+        status=status,
         attempts=[
             AttemptInfo(
                 number=a.number,
@@ -694,7 +726,16 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         parent=f[b"parent"].decode() if b"parent" in f else None,
         root=f[b"root"].decode() if b"root" in f else None,
         scheduled_at=_ms(f.get(b"scheduled_at")),
+        concurrency_key=_text(f.get(b"ckey")),
+        throttled=_text(f.get(b"throttle")) if status in _NOT_STARTED else None,
     )
+
+
+_NOT_STARTED = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value else None
 
 
 def decode_any(raw: bytes) -> Any:
