@@ -379,7 +379,7 @@ def _run_text(run: Run) -> str:
     lines = [
         f"run      {run.id}",
         f"task     {run.task_id} (queue {run.queue})",
-        f"status   {run.status.value}",
+        f"status   {run.status.value}" + (f" ({run.throttled})" if run.throttled else ""),
         f"created  {_when(run.created_at)}",
         f"started  {_when(run.started_at)}",
         f"finished {_when(run.finished_at)}",
@@ -387,6 +387,8 @@ def _run_text(run: Run) -> str:
     ]
     if run.tags:
         lines.append(f"tags     {', '.join(run.tags)}")
+    if run.concurrency_key:
+        lines.append(f"key      {run.concurrency_key} (concurrency key)")
     if run.status is RunStatus.COMPLETED:
         lines.append(f"output   {_json(run.output)}")
     if run.error:

@@ -727,11 +727,8 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         root=f[b"root"].decode() if b"root" in f else None,
         scheduled_at=_ms(f.get(b"scheduled_at")),
         concurrency_key=_text(f.get(b"ckey")),
-        throttled=_text(f.get(b"throttle")) if status in _NOT_STARTED else None,
+        throttled=_text(f.get(b"throttle")) if status is RunStatus.QUEUED else None,
     )
-
-
-_NOT_STARTED = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING)
 
 
 def _text(value: bytes | None) -> str | None:

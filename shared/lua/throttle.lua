@@ -4,6 +4,7 @@
 -- republishing a run whose deferred message is due only then.
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'QUEUED' and status ~= 'DELAYED' and status ~= 'RETRYING' then return 0 end
-redis.call('HSET', KEYS[1], 'throttle', ARGV[1])
+-- Its delay or retry pause is over: it is queued, held back by the limit.
+redis.call('HSET', KEYS[1], 'throttle', ARGV[1], 'status', 'QUEUED')
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'not_before', ARGV[2]) end
 return 1
