@@ -7,7 +7,10 @@ Also hooks for worker processes, `conveyor worker tests.tasks tests.faults` with
 - CONVEYOR_TEST_DELIVERIES=<file>: appends each delivery's `x-delivery-count` (0 for a first
   delivery) to the file, one per line, so a test can see how often messages came back;
 - CONVEYOR_TEST_LOSE_WAKEUPS=1: the messages that wake a waiting run (a parent whose last
-  child ended, a sleep's timer) are never published, as if each were lost.
+  child ended, a sleep's timer) are never published, as if each were lost;
+- CONVEYOR_TEST_LOSE_SLOT_WAKES=1: a run that gives its concurrency slot back wakes the
+  next parked run in Redis, but that run's message is never published, as if the worker
+  died in between.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tests.tasks import trace_key
 KILL_AFTER_FINISH = "CONVEYOR_TEST_KILL_AFTER_FINISH"
 DELIVERIES = "CONVEYOR_TEST_DELIVERIES"
 LOSE_WAKEUPS = "CONVEYOR_TEST_LOSE_WAKEUPS"
+LOSE_SLOT_WAKES = "CONVEYOR_TEST_LOSE_SLOT_WAKES"
 
 
 def _install_kill_after_finish() -> None:
@@ -68,6 +72,18 @@ def _install_lost_wakeups() -> None:
     Worker._publish_message = lost  # type: ignore[method-assign]
 
 
+def _install_lost_slot_wakes() -> None:
+    from conveyor.shared.limiter import Limiter, Wake
+
+    original = Limiter.release_slot
+
+    async def lost(self: Limiter, *args: Any, **kwargs: Any) -> list[Wake]:
+        await original(self, *args, **kwargs)
+        return []
+
+    Limiter.release_slot = lost  # type: ignore[method-assign]
+
+
 def delivery_counts(path: str) -> list[int]:
     """What a worker with the CONVEYOR_TEST_DELIVERIES hook wrote."""
     with open(path) as log:
@@ -80,6 +96,8 @@ if os.environ.get(DELIVERIES):
     _install_delivery_log(os.environ[DELIVERIES])
 if os.environ.get(LOSE_WAKEUPS) == "1":
     _install_lost_wakeups()
+if os.environ.get(LOSE_SLOT_WAKES) == "1":
+    _install_lost_slot_wakes()
 
 
 async def trace(settings: Settings, run_id: str) -> list[str]:

@@ -343,3 +343,19 @@ async def test_cancel_throttled_runs(client: Client, settings: Settings, spawn_w
     assert (await client.get_run(waiting.id)).status is RunStatus.CANCELED
     assert (await client.get_run(deferred.id)).status is RunStatus.CANCELED
     assert deferred.id not in {run_id for _, run_id, _ in await _starts(settings, "lim-slow-rate")}
+
+
+async def test_lost_slot_wakes_are_made_good(
+    client: Client, settings: Settings, spawn_worker: Any
+) -> None:
+    """Every wake-up message of a parked run is lost (as if each waker died before its
+    publish): the sweep wakes each again once its reserved slot's lease runs out."""
+    from tests.faults import LOSE_SLOT_WAKES
+
+    spawn_worker("tests.limit_tasks", "tests.faults", env={LOSE_SLOT_WAKES: "1"})
+    handles = await limit_tasks.one_at_a_time.batch_trigger([{"seconds": 0}] * 4)
+    await _all_done(client, handles, 60)
+    starts = sorted(at for at, _, _ in await _starts(settings, "lim-one"))
+    # After the first, each start waited out a lease (2 s) for its lost wake-up.
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert len(starts) == 4 and all(g >= settings.lease_ttl * 0.8 for g in gaps), gaps
