@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conveyor import Concurrency, RateLimit, RateLimited, Retry, current_run, task
+from conveyor import Concurrency, RateLimit, RateLimited, Retry, current_run, run_step, task
 from conveyor.shared.context import current_context
 
 
@@ -41,10 +41,15 @@ async def rate_limited(i: int) -> int:
 
 @task(id="lim-429", rate_limit="50/s", retry=Retry(max_attempts=1))
 async def calls_api(i: int, fail_first: bool = False) -> int:
-    """Raises RateLimited(retry_after=3) on its first attempt when told to."""
+    """Its step raises RateLimited(retry_after=3) on the first attempt when told to (a
+    step with its own retries does not retry it)."""
     await _started()
+    return await run_step("call", _call_api, i, fail_first)
+
+
+async def _call_api(i: int, fail_first: bool) -> int:
     if fail_first and current_run().attempt == 1:
-        raise RateLimited(retry_after="3")
+        raise RateLimited(retry_after="3")  # as an HTTP 429 would say it
     return i
 
 
