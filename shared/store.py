@@ -513,18 +513,21 @@ class RunStore:
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
         """Create a wait token (token_create.lua); its expiry, epoch ms. Creating it again
-        under the same id returns the first expiry."""
-        expires: int = await self.scripts.call(
+        under the same id returns the first expiry, so it waits at the gate like the hot
+        path while Redis is unavailable."""
+        command = self.scripts.command(
             "token_create", [self.keys.token(token_id)], [run_id, timeout_ms, self._run_ttl]
         )
+        expires: int = await self._hot("token_create", command)
         return expires
 
     async def token_wait(self, token_id: str, run_id: str, step_key: str) -> list[bytes]:
         """Tell the token which run's step waits for it (token_wait.lua): ['pending'],
-        ['COMPLETED', data], ['TIMED_OUT'] or ['missing']."""
-        reply: list[bytes] = await self.scripts.call(
+        ['COMPLETED', data], ['TIMED_OUT'] or ['missing']. Idempotent: at the gate too."""
+        command = self.scripts.command(
             "token_wait", [self.keys.token(token_id)], [run_id, step_key]
         )
+        reply: list[bytes] = await self._hot("token_wait", command)
         return reply
 
     async def complete_token(self, token_id: str, data: bytes) -> list[bytes]:

@@ -171,3 +171,15 @@ async def drained(settings: Settings, queues: list[str]) -> bool:
         return False
     await asyncio.sleep(0.2)
     return await pending_messages(settings, queues) == 0
+
+
+async def announced_token(settings: Settings, run_id: str) -> str:
+    """The id of the token a run of tests.tasks.approval announced in its trace."""
+    from tests.conftest import eventually
+
+    async def announced() -> str | None:
+        events = [e for e in await trace(settings, run_id) if e.startswith("token:")]
+        return events[0].split(":", 1)[1].rsplit("@", 1)[0] if events else None
+
+    token_id: str = await eventually(announced, timeout=20)
+    return token_id

@@ -20,7 +20,7 @@ from conveyor.shared.scripts import source
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import Services, cleanup
-from tests.faults import trace
+from tests.faults import announced_token, trace
 from tests.servers import Proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -107,3 +107,37 @@ async def test_lost_reply_to_a_completing_finish_keeps_the_output(
     assert proxy.cuts == 1
     run = await client.get_run(handle.id)
     assert [a.status for a in run.attempts] == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("script", ["wait", "suspend", "resolve"])
+async def test_lost_reply_to_a_wait_is_sent_again(
+    through_proxy: tuple[Client, Worker], proxy: Proxy, settings: Settings, script: str
+) -> None:
+    """Recording waits, suspending, and a child's end reaching its parent: each answers
+    a repeated call as the first, so the parent completes with no crash and each child
+    runs once."""
+    client, worker = through_proxy
+    proxy.cut_reply_after(worker.store.scripts.sha[script].encode())
+    handle = await tasks.gather_doubles.trigger()
+    assert await handle.result(timeout=30) == [2, 4, 6]
+    assert proxy.cuts == 1
+    run = await client.get_run(handle.id)
+    assert "CRASHED" not in [a.status for a in run.attempts]
+    assert run.attempts[-1].status == "COMPLETED"
+    for child in run.children:
+        assert [a.status for a in (await client.get_run(child)).attempts] == ["COMPLETED"]
+
+
+@pytest.mark.parametrize("script", ["token_create", "token_wait"])
+async def test_lost_reply_to_a_token_call_is_sent_again(
+    through_proxy: tuple[Client, Worker], proxy: Proxy, settings: Settings, script: str
+) -> None:
+    client, worker = through_proxy
+    proxy.cut_reply_after(worker.store.scripts.sha[script].encode())
+    handle = await tasks.approval.trigger(timeout=60)
+    token_id = await announced_token(settings, handle.id)
+    await client.complete_token(token_id, {"ok": True})
+    assert await handle.result(timeout=30) == {"data": {"ok": True}}
+    assert proxy.cuts == 1
+    run = await client.get_run(handle.id)
+    assert "CRASHED" not in [a.status for a in run.attempts]

@@ -16,7 +16,7 @@ from conveyor.shared.waits import child_run_id
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import eventually
-from tests.faults import LOSE_WAKEUPS, trace, wait_for_consumers
+from tests.faults import LOSE_WAKEUPS, announced_token, trace, wait_for_consumers
 
 
 async def test_gathered_children_run_in_parallel_and_each_runs_once(
@@ -161,22 +161,13 @@ async def test_canceling_a_parent_cancels_its_unfinished_children(
     await eventually(all_canceled, timeout=20)
 
 
-async def _announced_token(settings: Settings, run_id: str) -> str:
-    async def announced() -> str | None:
-        events = [e for e in await trace(settings, run_id) if e.startswith("token:")]
-        return events[0].split(":", 1)[1].rsplit("@", 1)[0] if events else None
-
-    token_id: str = await eventually(announced, timeout=20)
-    return token_id
-
-
 async def test_a_completed_token_resumes_its_run_with_the_data(
     client: Client, worker: Worker, settings: Settings
 ) -> None:
     from conveyor import TokenNotFound, TokenNotPending
 
     handle = await tasks.approval.trigger(timeout=60)
-    token_id = await _announced_token(settings, handle.id)
+    token_id = await announced_token(settings, handle.id)
 
     async def waiting() -> bool:
         return (await client.get_run(handle.id)).status is RunStatus.WAITING
@@ -196,7 +187,7 @@ async def test_a_token_not_completed_in_time_raises_token_timeout_in_the_task(
     from conveyor import TokenNotPending
 
     handle = await tasks.approval.trigger(timeout=1.5)
-    token_id = await _announced_token(settings, handle.id)
+    token_id = await announced_token(settings, handle.id)
     assert await handle.result(timeout=20) == {"timed_out": True}
     with pytest.raises(TokenNotPending, match="timed out"):
         await client.complete_token(token_id, "late")
@@ -208,7 +199,7 @@ async def test_tokens_complete_from_the_cli(
     from tests.test_cli import conveyor
 
     handle = await tasks.approval.trigger(timeout=60)
-    token_id = await _announced_token(settings, handle.id)
+    token_id = await announced_token(settings, handle.id)
     done = await conveyor(settings, "tokens", "complete", token_id, "--data", '{"ok": 1}')
     assert done.code == 0, done.err
     assert await handle.result(timeout=20) == {"data": {"ok": 1}}
