@@ -63,8 +63,9 @@ class Limits:
         if rate is not None:
             answer = await self.limiter.take_rate(rate, msg.reserved)
             if not answer.go:
+                # Not the message's not_before, which workers compare with their own
+                # clocks: the run's not_before (Redis's clock, throttle.lua) holds it.
                 msg.reserved = f"{answer.epoch}:{answer.at_ms}"
-                msg.not_before = answer.at_ms
                 reason = f"{_describe(rate, task.id)}: starts at {_clock(answer.at_ms)}"
                 await self.limiter.throttle(run_id, reason, answer.at_ms)
                 return max(1, answer.at_ms - answer.now_ms)
