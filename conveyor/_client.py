@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aio_pika
@@ -16,7 +17,7 @@ from redis.exceptions import RedisError
 
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
-from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
+from conveyor.shared.bounds import MAX_DELAY_MS, options_problem, ttl_ms
 from conveyor.shared.context import current_context
 from conveyor.shared.errors import (
     InvalidArguments,
@@ -163,8 +164,11 @@ class Client:
         delay: float | None = None,
         tags: Sequence[str] | None = None,
         queue: str | None = None,
+        ttl: float | timedelta | None = None,
     ) -> RunHandle[Any]:
-        """Trigger a task by id with a JSON-compatible payload of keyword arguments."""
+        """Trigger a task by id with a JSON-compatible payload of keyword arguments.
+        `ttl` (seconds or a timedelta): a run not started that long after its delay ends
+        EXPIRED (the task's own default is not known here)."""
         from ._task import TriggerOptions
 
         check_name("task id", task_id)
@@ -172,7 +176,13 @@ class Client:
             body = msgspec.json.encode(dict(payload or {}))
         except (TypeError, ValueError) as exc:
             raise InvalidArguments(task_id, f"payload is not JSON-serializable: {exc}") from exc
-        opts = TriggerOptions(idempotency_key=idempotency_key, delay=delay, tags=list(tags or []))
+        opts = TriggerOptions(
+            idempotency_key=idempotency_key,
+            delay=delay,
+            tags=list(tags or []),
+            # Checked with the other options, in _trigger.
+            ttl=ttl.total_seconds() if isinstance(ttl, timedelta) else ttl,
+        )
         [handle] = await self._trigger(task_id, queue or task_id, [body], opts, decode_any)
         return handle
 
@@ -203,6 +213,9 @@ class Client:
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
         delay_ms = int((opts.delay or 0) * 1000)
+        run_ttl_ms, bad_ttl = ttl_ms(opts.ttl)
+        if bad_ttl is not None:
+            raise InvalidOption("ttl", bad_ttl)
         if self._connection is None:
             await self.connect()
         if queue not in self.topology.declared_queues:
@@ -221,6 +234,7 @@ class Client:
                 delay_ms,
                 parent=parent,
                 root=root,
+                ttl_ms=run_ttl_ms or 0,
             )
             for body in payloads
         ]
@@ -290,6 +304,7 @@ class Client:
                         idempotency_key=run.idempotency_key,
                         tags=run.tags,
                         not_before=not_before,
+                        ttl=run.ttl_ms or None,
                     )
                 ),
                 message_id=run.run_id,

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import msgspec
 
+from conveyor.shared.bounds import ttl_ms
 from conveyor.shared.context import current_context
 from conveyor.shared.cron import Cron
-from conveyor.shared.errors import InvalidArguments, RunFailed, TaskDefinitionError
+from conveyor.shared.errors import InvalidArguments, InvalidOption, RunFailed, TaskDefinitionError
 from conveyor.shared.names import check_name
 from conveyor.shared.retry import DEFAULT_RETRY, Retry
 
@@ -36,6 +37,8 @@ class TriggerOptions(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None = None
     delay: float | None = None
     tags: list[str] = msgspec.field(default_factory=list)
+    # Seconds the run may wait to start, after its delay; then it ends EXPIRED.
+    ttl: float | None = None
 
 
 class Task(Generic[P, R]):
@@ -50,11 +53,15 @@ class Task(Generic[P, R]):
         retry: Retry,
         max_duration: float | None,
         cron: Sequence[Cron] = (),
+        ttl: float | timedelta | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an async function")
         if max_duration is not None and max_duration <= 0:
             raise TaskDefinitionError(f"task {id!r}: max_duration must be positive")
+        ms, problem = ttl_ms(ttl)
+        if problem is not None:
+            raise TaskDefinitionError(f"task {id!r}: ttl {problem}")
         try:
             check_name("task id", id)
             check_name("queue", queue or id)
@@ -65,12 +72,14 @@ class Task(Generic[P, R]):
         self.queue = queue or id
         self.retry = retry
         self.max_duration = max_duration
+        # The runs' default ttl, in seconds; a trigger's options(ttl=...) overrides it.
+        self.ttl = None if ms is None else ms / 1000
         self._signature = inspect.signature(fn)
         hints = _hints(fn)
         self._args_decoder = msgspec.json.Decoder(_args_struct(id, self._signature, hints))
         self.result_type: Any = hints.get("return", Any)
         self._result_decoder: msgspec.json.Decoder[R] = msgspec.json.Decoder(self.result_type)
-        self._plain = BoundTask(self, TriggerOptions())
+        self._plain = BoundTask(self, TriggerOptions(ttl=self.ttl))
         # Its schedules, registered by `conveyor scheduler` (scheduler/declared.py).
         self.cron = list(cron)
         for c in self.cron:
@@ -95,10 +104,21 @@ class Task(Generic[P, R]):
         idempotency_key: str | None = None,
         delay: float | None = None,
         tags: Sequence[str] | None = None,
+        ttl: float | timedelta | None = None,
     ) -> BoundTask[P, R]:
+        """`ttl` (seconds or a timedelta; None: the task's): a run not started that long
+        after its delay ends EXPIRED instead."""
+        ms, problem = ttl_ms(ttl)
+        if problem is not None:
+            raise InvalidOption("ttl", problem)
         return BoundTask(
             self,
-            TriggerOptions(idempotency_key=idempotency_key, delay=delay, tags=list(tags or [])),
+            TriggerOptions(
+                idempotency_key=idempotency_key,
+                delay=delay,
+                tags=list(tags or []),
+                ttl=self.ttl if ms is None else ms / 1000,
+            ),
         )
 
     async def batch_trigger(self, items: Iterable[Mapping[str, Any]]) -> list[RunHandle[R]]:
@@ -217,13 +237,15 @@ def task(
     max_duration: float | None = None,
     cron: str | Cron | Sequence[str | Cron] | None = None,
     every: timedelta | None = None,
+    ttl: float | timedelta | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
     """Declare an async function as a durable task with a stable id.
 
     `queue` defaults to the id; `retry` to Retry(); `max_duration` (seconds) ends an
     attempt that runs longer as TIMED_OUT. `cron` (an expression, a Cron or a list of
     them) and `every` (an interval) schedule runs, fired by `conveyor scheduler`; a bad
-    expression or time zone raises InvalidSchedule here."""
+    expression or time zone raises InvalidSchedule here. `ttl` (seconds or a timedelta)
+    ends a run that no worker started that long after its delay as EXPIRED."""
     schedules = _schedules(cron, every)
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -234,6 +256,7 @@ def task(
             retry=retry or DEFAULT_RETRY,
             max_duration=max_duration,
             cron=schedules,
+            ttl=ttl,
         )
         existing = _registry.get(id)
         if existing is not None and (

@@ -54,6 +54,9 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
     not_before: int | None = None
     # Epoch milliseconds of the cron tick that made this run (scheduler/cron.py).
     scheduled_at: int | None = None
+    # Milliseconds the run may wait to start (docs/wire-format.md); for a run the worker
+    # creates from this message.
+    ttl: int | None = None
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
@@ -102,3 +105,5 @@ class Run(msgspec.Struct, frozen=True):
     children: list[str] = msgspec.field(default_factory=list)
     # The cron tick's time, for a run a schedule made.
     scheduled_at: datetime | None = None
+    # A run with a ttl: it ends EXPIRED if no attempt has started by then.
+    expires_at: datetime | None = None

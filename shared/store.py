@@ -54,6 +54,10 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     root: str | None = None
     # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
     scheduled_at: int = 0
+    # How long after its delay the run may wait to start (0: for ever), else EXPIRED;
+    # counted from `ttl_from_ms` (epoch ms) instead when set (a wire message's not_before).
+    ttl_ms: int = 0
+    ttl_from_ms: int = 0
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -71,6 +75,15 @@ class Lineage(msgspec.Struct, frozen=True, gc=False):
     parent: str
     parent_step: str
     root: str
+
+
+class Expired(msgspec.Struct, frozen=True, gc=False):
+    """A run expire.lua ended: its parent ('' for none), the parent's step that waits
+    for it ('' when none waits) and the error it ended with."""
+
+    parent: str
+    parent_step: str
+    error: str
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -140,6 +153,18 @@ class RunState(msgspec.Struct, frozen=True, gc=False):
     attempt: int
     not_before: int
     lease_until: int
+    # Epoch ms by which it must have started (0: no ttl); whether a parent's step waits
+    # for it.
+    expires_at: int = 0
+    waited_for: bool = False
+
+    def expired(self, now_ms: int) -> bool:
+        """Never started and past its ttl at `now_ms` (the test of expire.lua)."""
+        return (
+            self.status in (RunStatus.QUEUED, RunStatus.DELAYED)
+            and self.attempt == 0
+            and 0 < self.expires_at <= now_ms
+        )
 
 
 class Republish(msgspec.Struct, frozen=True):
@@ -176,6 +201,7 @@ class RunStore:
                 "cancel",
                 "abandon",
                 "release",
+                "expire",
                 "wait",
                 "suspend",
                 "resolve",
@@ -229,12 +255,21 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        # One create.lua call per task, queue, tags, delay, parent and cron tick.
-        Group = tuple[str, str, tuple[str, ...], int, str | None, int]
+        # One create.lua call per task, queue, tags, delay, parent, cron tick and ttl.
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int, int, int]
         groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
             tags = tuple(run.tags)
-            group = (run.task_id, run.queue, tags, run.delay_ms, run.parent, run.scheduled_at)
+            group = (
+                run.task_id,
+                run.queue,
+                tags,
+                run.delay_ms,
+                run.parent,
+                run.scheduled_at,
+                run.ttl_ms,
+                run.ttl_from_ms,
+            )
             groups.setdefault(group, []).append(i)
         chunks = [
             positions[start : start + CREATE_CHUNK]
@@ -271,8 +306,8 @@ class RunStore:
                 future.set_result(cast(list[Created], mine))
 
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
-        """One create.lua call for runs of the same task, queue, tags, delay, parent and
-        tick."""
+        """One create.lua call for runs of the same task, queue, tags, delay, parent, tick
+        and ttl."""
         first = runs[0]
         keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
@@ -284,6 +319,8 @@ class RunStore:
             first.parent or "",
             first.root or "",
             first.scheduled_at,
+            first.ttl_ms,
+            first.ttl_from_ms,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -574,15 +611,32 @@ class RunStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for run_id in run_ids:
                 pipe.hmget(
-                    self.keys.run(run_id), ["status", "attempt", "not_before", "lease_until"]
+                    self.keys.run(run_id),
+                    ["status", "attempt", "not_before", "lease_until", "expires_at", "parent_step"],
                 )
             replies: list[Any] = await pipe.execute()
         return [
             None
             if status is None
-            else RunState(RunStatus(status.decode()), int(attempt or 0), int(nb or 0), int(lu or 0))
-            for status, attempt, nb, lu in replies
+            else RunState(
+                RunStatus(status.decode()),
+                int(attempt or 0),
+                int(nb or 0),
+                int(lu or 0),
+                int(expires or 0),
+                bool(step),
+            )
+            for status, attempt, nb, lu, expires, step in replies
         ]
+
+    async def expire(self, run_id: str) -> Expired | None:
+        """End a run that never started and is past its ttl EXPIRED (expire.lua); None
+        if it was not (started meanwhile, ended, not past its ttl)."""
+        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.waits(run_id)]
+        reply = await self.scripts.call("expire", keys, [self._run_ttl])
+        if reply[0] != b"expired":
+            return None
+        return Expired(reply[1].decode(), reply[2].decode(), reply[3].decode())
 
     async def republishes(self, run_ids: Sequence[str]) -> list[Republish | None]:
         """Each run's message as its trigger published it (None: no such run)."""
@@ -694,6 +748,7 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         parent=f[b"parent"].decode() if b"parent" in f else None,
         root=f[b"root"].decode() if b"root" in f else None,
         scheduled_at=_ms(f.get(b"scheduled_at")),
+        expires_at=_ms(f.get(b"expires_at")),
     )
 
 

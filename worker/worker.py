@@ -396,6 +396,9 @@ class Worker:
                 msg.idempotency_key,
                 0,
                 scheduled_at=msg.scheduled_at or 0,
+                ttl_ms=msg.ttl or 0,
+                # Time spent queued after the message could run counts too.
+                ttl_from_ms=msg.not_before or 0,
             )
             [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
@@ -468,6 +471,7 @@ class Worker:
                         payload=msgspec.Raw(child.payload),
                         id=child.run_id,
                         tags=child.tags,
+                        ttl=child.ttl_ms or None,
                     )
                 ),
                 message_id=child.run_id,
