@@ -176,12 +176,14 @@ class Client:
             body = msgspec.json.encode(dict(payload or {}))
         except (TypeError, ValueError) as exc:
             raise InvalidArguments(task_id, f"payload is not JSON-serializable: {exc}") from exc
+        ms, bad_ttl = ttl_ms(ttl)
+        if bad_ttl is not None:
+            raise InvalidOption("ttl", bad_ttl)
         opts = TriggerOptions(
             idempotency_key=idempotency_key,
             delay=delay,
             tags=list(tags or []),
-            # Checked with the other options, in _trigger.
-            ttl=ttl.total_seconds() if isinstance(ttl, timedelta) else ttl,
+            ttl=None if ms is None else ms / 1000,
         )
         [handle] = await self._trigger(task_id, queue or task_id, [body], opts, decode_any)
         return handle
