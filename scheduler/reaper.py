@@ -100,15 +100,17 @@ class Reaper:
                 stranded.append(run_id)
         if stranded:
             await self._republish(stranded)
+        later = stranded
         if expiring:
             expired = await self._expire(expiring)
             removed += expired
-            stranded = [run_id for run_id in stranded if run_id not in expired]
-            moved += [(now, run_id) for run_id in expiring if run_id not in expired]
-            for run_id in stranded:
-                n = self._times.get(run_id, 0)
-                self._times[run_id] = n + 1
-                moved.append((now + self.after_ms * (min(2**n, MAX_BACKOFF) - 1), run_id))
+            # One not expired after all (a worker started it meanwhile) is looked at again.
+            later = [r for r in stranded if r not in expired]
+            later += [r for r in expiring if r not in expired and r not in later]
+        for run_id in later:
+            n = self._times.get(run_id, 0)
+            self._times[run_id] = n + 1
+            moved.append((now + self.after_ms * (min(2**n, MAX_BACKOFF) - 1), run_id))
         await self._write(removed, moved)
         return len(stranded)
 
