@@ -104,6 +104,8 @@ class Reaper:
         if expiring:
             expired = await self._expire(expiring)
             removed += expired
+            for run_id in expired:
+                self._times.pop(run_id, None)
             # One not expired after all (a worker started it meanwhile) is looked at again.
             later = [r for r in stranded if r not in expired]
             later += [r for r in expiring if r not in expired and r not in later]
