@@ -28,6 +28,7 @@ from conveyor.shared.errors import (
     NonRetryableError,
     PayloadTooLarge,
     PublishFailed,
+    RateLimited,
     ResultTimeout,
     RunFailed,
     RunNotFound,
@@ -40,6 +41,7 @@ from conveyor.shared.errors import (
     TriggerError,
     TriggerIncomplete,
 )
+from conveyor.shared.limits import Concurrency, RateLimit
 from conveyor.shared.models import AttemptInfo, Run, RunStatus
 from conveyor.shared.retry import Retry
 from conveyor.shared.schedules import Schedule
@@ -49,6 +51,7 @@ __all__ = [
     "AttemptInfo",
     "BoundTask",
     "Client",
+    "Concurrency",
     "ConfigurationError",
     "ConveyorError",
     "Cron",
@@ -59,6 +62,8 @@ __all__ = [
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
+    "RateLimit",
+    "RateLimited",
     "Result",
     "ResultTimeout",
     "Retry",

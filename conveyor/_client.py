@@ -164,6 +164,7 @@ class Client:
         delay: float | None = None,
         tags: Sequence[str] | None = None,
         queue: str | None = None,
+        concurrency_key: str | None = None,
         ttl: float | timedelta | None = None,
     ) -> RunHandle[Any]:
         """Trigger a task by id with a JSON-compatible payload of keyword arguments.
@@ -183,6 +184,7 @@ class Client:
             idempotency_key=idempotency_key,
             delay=delay,
             tags=list(tags or []),
+            concurrency_key=concurrency_key,
             ttl=None if ms is None else ms / 1000,
         )
         [handle] = await self._trigger(task_id, queue or task_id, [body], opts, decode_any)
@@ -209,7 +211,7 @@ class Client:
             raise InvalidOption(
                 "delay", f"must be 0 to {MAX_DELAY_MS // 1000} seconds, got {opts.delay}"
             )
-        problem = options_problem(opts.idempotency_key, opts.tags)
+        problem = options_problem(opts.idempotency_key, opts.tags, opts.concurrency_key)
         if problem is not None:
             raise InvalidOption(*problem)
         if opts.idempotency_key is not None and len(payloads) > 1:
@@ -236,6 +238,7 @@ class Client:
                 delay_ms,
                 parent=parent,
                 root=root,
+                concurrency_key=opts.concurrency_key or "",
                 ttl_ms=run_ttl_ms or 0,
             )
             for body in payloads
@@ -306,6 +309,7 @@ class Client:
                         idempotency_key=run.idempotency_key,
                         tags=run.tags,
                         not_before=not_before,
+                        concurrency_key=run.concurrency_key or None,
                         ttl=run.ttl_ms or None,
                     )
                 ),

@@ -14,6 +14,7 @@ from conveyor.shared.bounds import ttl_ms
 from conveyor.shared.context import current_context
 from conveyor.shared.cron import Cron
 from conveyor.shared.errors import InvalidArguments, InvalidOption, RunFailed, TaskDefinitionError
+from conveyor.shared.limits import Concurrency, RateLimit, declare
 from conveyor.shared.names import check_name
 from conveyor.shared.retry import DEFAULT_RETRY, Retry
 
@@ -37,6 +38,7 @@ class TriggerOptions(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None = None
     delay: float | None = None
     tags: list[str] = msgspec.field(default_factory=list)
+    concurrency_key: str | None = None
     # Seconds the run may wait to start, after its delay; then it ends EXPIRED.
     ttl: float | None = None
 
@@ -53,6 +55,8 @@ class Task(Generic[P, R]):
         retry: Retry,
         max_duration: float | None,
         cron: Sequence[Cron] = (),
+        rate_limit: str | RateLimit | None = None,
+        concurrency_limit: int | Concurrency | None = None,
         ttl: float | timedelta | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
@@ -72,6 +76,8 @@ class Task(Generic[P, R]):
         self.queue = queue or id
         self.retry = retry
         self.max_duration = max_duration
+        self.rate_limit = _rate_limit(id, rate_limit)
+        self.concurrency = _concurrency(id, concurrency_limit)
         # The runs' default ttl, in seconds; a trigger's options(ttl=...) overrides it.
         self.ttl = None if ms is None else ms / 1000
         self._signature = inspect.signature(fn)
@@ -104,10 +110,13 @@ class Task(Generic[P, R]):
         idempotency_key: str | None = None,
         delay: float | None = None,
         tags: Sequence[str] | None = None,
+        concurrency_key: str | None = None,
         ttl: float | timedelta | None = None,
     ) -> BoundTask[P, R]:
-        """`ttl` (seconds or a timedelta; None: the task's): a run not started that long
-        after its delay ends EXPIRED instead."""
+        """`concurrency_key` puts the runs under the per-key limit of the task's
+        Concurrency(per_key=...): a tenant, a user, an account. `ttl` (seconds or a
+        timedelta; None: the task's): a run not started that long after its delay ends
+        EXPIRED instead."""
         ms, problem = ttl_ms(ttl)
         if problem is not None:
             raise InvalidOption("ttl", problem)
@@ -117,6 +126,7 @@ class Task(Generic[P, R]):
                 idempotency_key=idempotency_key,
                 delay=delay,
                 tags=list(tags or []),
+                concurrency_key=concurrency_key,
                 ttl=self.ttl if ms is None else ms / 1000,
             ),
         )
@@ -237,6 +247,8 @@ def task(
     max_duration: float | None = None,
     cron: str | Cron | Sequence[str | Cron] | None = None,
     every: timedelta | None = None,
+    rate_limit: str | RateLimit | None = None,
+    concurrency_limit: int | Concurrency | None = None,
     ttl: float | timedelta | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
     """Declare an async function as a durable task with a stable id.
@@ -244,8 +256,11 @@ def task(
     `queue` defaults to the id; `retry` to Retry(); `max_duration` (seconds) ends an
     attempt that runs longer as TIMED_OUT. `cron` (an expression, a Cron or a list of
     them) and `every` (an interval) schedule runs, fired by `conveyor scheduler`; a bad
-    expression or time zone raises InvalidSchedule here. `ttl` (seconds or a timedelta)
-    ends a run that no worker started that long after its delay as EXPIRED."""
+    expression or time zone raises InvalidSchedule here. `rate_limit` ('10/s' or a
+    RateLimit) and `concurrency_limit` (a number or a Concurrency) hold across all
+    workers; a RateLimit or Concurrency with a name is shared by the tasks that use it.
+    `ttl` (seconds or a timedelta) ends a run that no worker started that long after
+    its delay as EXPIRED."""
     schedules = _schedules(cron, every)
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -256,6 +271,8 @@ def task(
             retry=retry or DEFAULT_RETRY,
             max_duration=max_duration,
             cron=schedules,
+            rate_limit=rate_limit,
+            concurrency_limit=concurrency_limit,
             ttl=ttl,
         )
         existing = _registry.get(id)
@@ -283,6 +300,36 @@ def _schedules(
     if every is not None:
         out.append(Cron(every=every))
     return out
+
+
+def _rate_limit(task_id: str, limit: str | RateLimit | None) -> RateLimit | None:
+    if limit is None:
+        return None
+    if isinstance(limit, str):
+        limit = RateLimit.parse(limit)
+    elif not isinstance(limit, RateLimit):
+        raise TaskDefinitionError(
+            f"task {task_id!r}: rate_limit must be a string such as '10/s' or a RateLimit, "
+            f"got {limit!r}"
+        )
+    if limit.name is not None:
+        declare(task_id, limit)
+    return limit.named(f"task:{task_id}")
+
+
+def _concurrency(task_id: str, limit: int | Concurrency | None) -> Concurrency | None:
+    if limit is None:
+        return None
+    if not isinstance(limit, Concurrency):
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TaskDefinitionError(
+                f"task {task_id!r}: concurrency_limit must be a number or a Concurrency, "
+                f"got {limit!r}"
+            )
+        limit = Concurrency(limit)
+    if limit.name is not None:
+        declare(task_id, limit)
+    return limit.named(f"task:{task_id}")
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def _child(
         parent=ctx.info.id,
         parent_step=key,
         root=ctx.root,
+        concurrency_key=opts.concurrency_key or "",
         ttl_ms=child_ttl_ms or 0,
     )
 

@@ -126,6 +126,10 @@ class Reaper:
             return state.lease_until
         if state.status in _WAITING and state.not_before > now:
             return state.not_before
+        if state.status in _WAITING and state.throttled:
+            # Parked for a concurrency slot: its limit wakes it (worker/limits.py). Looked
+            # at again rarely, for a park that Redis lost.
+            return now + self.after_ms * MAX_BACKOFF
         if state.status in _WAITING or state.status is RunStatus.EXECUTING:
             return 0
         if state.status is RunStatus.WAITING and state.not_before:

@@ -10,13 +10,25 @@ MAX_TAGS = 64
 MAX_TAG_CHARS = 256
 # The key is part of a Redis key name.
 MAX_IDEMPOTENCY_KEY_CHARS = 256
+# A concurrency key is stored beside each of its runs in the limit's hash slot.
+MAX_CONCURRENCY_KEY_CHARS = 256
 # Further ahead than this is taken for a mistake (seconds for milliseconds, a far future
 # sentinel): such a run would go round the delay ladder for years. A ttl has the same bound.
 MAX_DELAY_MS = 366 * 24 * 3600 * 1000
 
 
-def options_problem(idempotency_key: str | None, tags: Sequence[str]) -> tuple[str, str] | None:
+def options_problem(
+    idempotency_key: str | None, tags: Sequence[str], concurrency_key: str | None = None
+) -> tuple[str, str] | None:
     """(field, what is wrong) for the first of these over its bound, else None."""
+    if concurrency_key is not None:
+        if not 1 <= len(concurrency_key) <= MAX_CONCURRENCY_KEY_CHARS:
+            return (
+                "concurrency_key",
+                f"must be 1 to {MAX_CONCURRENCY_KEY_CHARS} characters, got {len(concurrency_key)}",
+            )
+        if "\n" in concurrency_key:
+            return "concurrency_key", "must not contain a line break"
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
         return (
             "idempotency_key",

@@ -13,7 +13,13 @@ from typing import Any, Literal
 import msgspec
 
 from .codec import decoder_for
-from .errors import ConveyorError, NonRetryableError, RunLost, StepResultNotSerializable
+from .errors import (
+    ConveyorError,
+    NonRetryableError,
+    RateLimited,
+    RunLost,
+    StepResultNotSerializable,
+)
 from .retry import Retry
 from .store import Lineage, NewRun, RunStore, WaitRequest
 
@@ -133,7 +139,7 @@ class RunContext:
                 if inspect.isawaitable(result):
                     result = await result
                 break
-            except (NonRetryableError, asyncio.CancelledError):
+            except (NonRetryableError, RateLimited, asyncio.CancelledError):
                 raise
             except Exception:
                 if retry is None or attempt >= retry.max_attempts:

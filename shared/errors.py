@@ -16,11 +16,15 @@ ConveyorError
 ├── ScheduleNotFound          no schedule with that key
 ├── RunFailed                 a run ended in a terminal state other than COMPLETED
 ├── ResultTimeout             a run did not finish within the wait (also a TimeoutError)
+├── RateLimited               raised by task code: the downstream said 429; pause and retry
 └── NonRetryableError         raised by task code: fail the run now, no retries
     └── StepResultNotSerializable
 """
 
 from __future__ import annotations
+
+import email.utils
+from datetime import UTC, datetime, timedelta
 
 
 class ConveyorError(Exception):
@@ -186,6 +190,51 @@ class TokenNotPending(ConveyorError):
 
 class NonRetryableError(ConveyorError):
     """Raise from task code to fail the run at once, skipping the remaining retries."""
+
+
+class RateLimited(ConveyorError):
+    """Raise from task code when a downstream service says to slow down (HTTP 429). The
+    task's rate limit pauses for every worker for `retry_after` seconds, and the run is
+    tried again after it without using up a retry attempt.
+
+    `retry_after`: seconds, a timedelta, or an HTTP Retry-After header value (seconds or
+    an HTTP date); None waits DEFAULT_RETRY_AFTER seconds."""
+
+    DEFAULT_RETRY_AFTER = 1.0
+    # A Retry-After further ahead than this is taken for a mistake and capped.
+    MAX_RETRY_AFTER = 24 * 3600.0
+
+    def __init__(self, retry_after: float | timedelta | str | None = None) -> None:
+        self.retry_after = _retry_after(retry_after, self.DEFAULT_RETRY_AFTER, self.MAX_RETRY_AFTER)
+        super().__init__(f"rate limited downstream: retry after {self.retry_after:g}s")
+
+
+def _retry_after(value: float | timedelta | str | None, default: float, cap: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"Retry-After {value!r} is neither seconds nor an HTTP date"
+                ) from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+    else:
+        raise TypeError(f"retry_after must be seconds, a timedelta or a string, got {value!r}")
+    if seconds != seconds:  # NaN
+        raise ValueError("retry_after must be a number of seconds, got NaN")
+    return min(max(seconds, 0.0), cap)
 
 
 class StepResultNotSerializable(NonRetryableError):

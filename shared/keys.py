@@ -56,6 +56,15 @@ class Keys:
         """A wait token: who waits for it, its expiry, and its data once completed."""
         return f"{self.namespace}:{{{token_id}}}:token"
 
+    def rate(self, name: str) -> str:
+        """A rate limit's state (shared/lua/rate_take.lua), in a slot of its own."""
+        return f"{self.namespace}:{{rate:{name}}}"
+
+    def slots(self, name: str) -> list[str]:
+        """A concurrency limit's keys (shared/lua/slots.lua), sharing one slot."""
+        tag = f"{self.namespace}:{{slots:{name}}}:"
+        return [tag + part for part in ("holders", "owners", "counts", "parked", "meta")]
+
     def idempotency(self, task_id: str, key: str) -> str:
         return f"{self.namespace}:idem:{task_id}:{key}"
 

@@ -54,6 +54,11 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
     not_before: int | None = None
     # Epoch milliseconds of the cron tick that made this run (scheduler/cron.py).
     scheduled_at: int | None = None
+    # Counts the run under this key of its task's per-key concurrency limit.
+    concurrency_key: str | None = None
+    # A start reserved from the task's rate limit ("epoch:ms", shared/limiter.py), set by
+    # the worker that deferred the run to that time.
+    reserved: str | None = None
     # Milliseconds the run may wait to start (docs/wire-format.md); for a run the worker
     # creates from this message.
     ttl: int | None = None
@@ -105,5 +110,8 @@ class Run(msgspec.Struct, frozen=True):
     children: list[str] = msgspec.field(default_factory=list)
     # The cron tick's time, for a run a schedule made.
     scheduled_at: datetime | None = None
+    concurrency_key: str | None = None
+    # Why a QUEUED run has not started: the rate or concurrency limit it waits for.
+    throttled: str | None = None
     # A run with a ttl: it ends EXPIRED if no attempt has started by then.
     expires_at: datetime | None = None

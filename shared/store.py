@@ -54,6 +54,7 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     root: str | None = None
     # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
     scheduled_at: int = 0
+    concurrency_key: str = ""
     # How long after its delay the run may wait to start (0: for ever), else EXPIRED;
     # counted from `ttl_from_ms` (epoch ms) instead when set (a wire message's not_before).
     ttl_ms: int = 0
@@ -138,6 +139,7 @@ class Woken(msgspec.Struct, frozen=True, gc=False):
     payload: bytes
     tags: list[str]
     scheduled_at: int | None = None
+    concurrency_key: str | None = None
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -153,6 +155,8 @@ class RunState(msgspec.Struct, frozen=True, gc=False):
     attempt: int
     not_before: int
     lease_until: int
+    # Parked by a concurrency limit (or deferred by a rate limit): the limit wakes it.
+    throttled: bool = False
     # Epoch ms by which it must have started (0: no ttl); whether a parent's step waits
     # for it.
     expires_at: int = 0
@@ -255,8 +259,9 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        # One create.lua call per task, queue, tags, delay, parent, cron tick and ttl.
-        Group = tuple[str, str, tuple[str, ...], int, str | None, int, int, int]
+        # One create.lua call per task, queue, tags, delay, parent, cron tick, concurrency
+        # key and ttl.
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str, int, int]
         groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
             tags = tuple(run.tags)
@@ -267,6 +272,7 @@ class RunStore:
                 run.delay_ms,
                 run.parent,
                 run.scheduled_at,
+                run.concurrency_key,
                 run.ttl_ms,
                 run.ttl_from_ms,
             )
@@ -319,6 +325,7 @@ class RunStore:
             first.parent or "",
             first.root or "",
             first.scheduled_at,
+            first.concurrency_key,
             first.ttl_ms,
             first.ttl_from_ms,
         ]
@@ -525,13 +532,14 @@ class RunStore:
         )
         if reply[0] != b"wake":
             return None
-        task, queue, payload, tags, scheduled = reply[1:6]
+        task, queue, payload, tags, scheduled, ckey = reply[1:7]
         return Woken(
             task.decode(),
             queue.decode(),
             payload,
             _tags_decoder.decode(tags),
             int(scheduled) if scheduled else None,
+            ckey.decode() or None,
         )
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
@@ -612,7 +620,15 @@ class RunStore:
             for run_id in run_ids:
                 pipe.hmget(
                     self.keys.run(run_id),
-                    ["status", "attempt", "not_before", "lease_until", "expires_at", "parent_step"],
+                    [
+                        "status",
+                        "attempt",
+                        "not_before",
+                        "lease_until",
+                        "throttle",
+                        "expires_at",
+                        "parent_step",
+                    ],
                 )
             replies: list[Any] = await pipe.execute()
         return [
@@ -623,10 +639,11 @@ class RunStore:
                 int(attempt or 0),
                 int(nb or 0),
                 int(lu or 0),
+                throttle is not None,
                 int(expires or 0),
                 bool(step),
             )
-            for status, attempt, nb, lu, expires, step in replies
+            for status, attempt, nb, lu, throttle, expires, step in replies
         ]
 
     async def expire(self, run_id: str) -> Expired | None:
@@ -644,11 +661,20 @@ class RunStore:
             for run_id in run_ids:
                 pipe.hmget(
                     self.keys.run(run_id),
-                    ["task", "queue", "payload", "tags", "idem", "not_before", "scheduled_at"],
+                    [
+                        "task",
+                        "queue",
+                        "payload",
+                        "tags",
+                        "idem",
+                        "not_before",
+                        "scheduled_at",
+                        "ckey",
+                    ],
                 )
             replies: list[Any] = await pipe.execute()
         out: list[Republish | None] = []
-        for run_id, (task, queue, payload, tags, idem, nb, sched) in zip(
+        for run_id, (task, queue, payload, tags, idem, nb, sched, ckey) in zip(
             run_ids, replies, strict=True
         ):
             if task is None or queue is None:
@@ -662,6 +688,7 @@ class RunStore:
                 tags=_tags_decoder.decode(tags or b"[]"),
                 not_before=int(nb) if nb and int(nb) > 0 else None,
                 scheduled_at=int(sched) if sched else None,
+                concurrency_key=ckey.decode() if ckey else None,
             )
             out.append(Republish(queue.decode(), message))
         return out
@@ -719,10 +746,11 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
     output_raw = f.get(b"output")
     idem = f.get(b"idem", b"").decode()
     error = f.get(b"error")
+    status = RunStatus(f[b"status"].decode())
     return Run(
         id=run_id,
         task_id=f[b"task"].decode(),
-        status=RunStatus(f[b"status"].decode()),
+        status=status,
         attempts=[
             AttemptInfo(
                 number=a.number,
@@ -748,8 +776,17 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         parent=f[b"parent"].decode() if b"parent" in f else None,
         root=f[b"root"].decode() if b"root" in f else None,
         scheduled_at=_ms(f.get(b"scheduled_at")),
+        concurrency_key=_text(f.get(b"ckey")),
+        throttled=_text(f.get(b"throttle")) if status in _NOT_STARTED else None,
         expires_at=_ms(f.get(b"expires_at")),
     )
+
+
+_NOT_STARTED = (RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value else None
 
 
 def decode_any(raw: bytes) -> Any:

@@ -55,6 +55,7 @@ def woken_message(run_id: str, woken: Woken) -> RunMessage:
         id=run_id,
         tags=woken.tags,
         scheduled_at=woken.scheduled_at,
+        concurrency_key=woken.concurrency_key,
     )
 
 

@@ -11,6 +11,7 @@ PUBLIC = [
     "AttemptInfo",
     "BoundTask",
     "Client",
+    "Concurrency",
     "ConfigurationError",
     "ConveyorError",
     "Cron",
@@ -21,6 +22,8 @@ PUBLIC = [
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",
+    "RateLimit",
+    "RateLimited",
     "Result",
     "ResultTimeout",
     "Retry",
@@ -70,6 +73,10 @@ PROMISED = [
     "wait_for_token",
     "TokenTimeout",
     "Result",
+    # limits (issue 10)
+    "RateLimit",
+    "RateLimited",
+    "Concurrency",
 ]
 
 

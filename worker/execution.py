@@ -10,10 +10,16 @@ import msgspec
 
 from conveyor._task import Task
 from conveyor.shared.context import RunContext, set_context
-from conveyor.shared.errors import InvalidArguments, NonRetryableError, RunLost, ServiceUnavailable
+from conveyor.shared.errors import (
+    InvalidArguments,
+    NonRetryableError,
+    RateLimited,
+    RunLost,
+    ServiceUnavailable,
+)
 from conveyor.shared.models import RunStatus
 
-from .outcome import Outcome, completed, failed, retrying
+from .outcome import Outcome, completed, failed, retrying, throttled
 
 StopReason = Literal["cancel", "shutdown", "lost", "suspend"]
 
@@ -113,6 +119,8 @@ async def run_attempt(
         raise  # Redis stayed away while a step waited to save its result: not the task's fault
     except NonRetryableError as exc:
         return failed(exc)
+    except RateLimited as exc:
+        return throttled(exc)
     except Exception as exc:
         if execution.stop_reason == "lost":  # the task function caught RunLost and went on
             return _stopped("lost")

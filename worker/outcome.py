@@ -6,7 +6,7 @@ import traceback as tb
 
 import msgspec
 
-from conveyor.shared.errors import describe
+from conveyor.shared.errors import RateLimited, describe
 from conveyor.shared.models import RunStatus
 
 
@@ -31,6 +31,17 @@ def failed(exc: BaseException, status: RunStatus = RunStatus.FAILED) -> Outcome:
         attempt_status=status.value,
         error=describe(exc),
         traceback="".join(tb.format_exception(exc)),
+    )
+
+
+def throttled(exc: RateLimited) -> Outcome:
+    """Tried again after the downstream's Retry-After, without using up an attempt
+    (finish.lua does not count a THROTTLED attempt as a failure)."""
+    return Outcome(
+        run_status=RunStatus.RETRYING,
+        attempt_status="THROTTLED",
+        error=describe(exc),
+        retry_delay_ms=max(1, int(exc.retry_after * 1000)),
     )
 
 

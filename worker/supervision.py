@@ -16,6 +16,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from conveyor.shared.limits import Concurrency
+
 from .execution import Execution
 
 if TYPE_CHECKING:
@@ -29,6 +31,9 @@ class Supervisor:
         self.worker = worker
         self._tasks: list[asyncio.Task[None]] = []
         self._handovers: set[asyncio.Task[None]] = set()
+        self._limits: dict[str, Concurrency] = {
+            t.id: t.concurrency for t in worker.tasks.values() if t.concurrency is not None
+        }
 
     def start(self) -> None:
         self._tasks = [
@@ -51,12 +56,26 @@ class Supervisor:
             await asyncio.sleep(tick)
             try:
                 await self.renew_once()
+                await self._renew_slots()
             except Exception as exc:
                 if self.worker.redis_gate.is_open:
                     log.warning("lease renewal failed: %r", exc)
                 else:  # the outage was logged once already
                     log.debug("lease renewal failed: %r", exc)
             self._hand_over_long_runs()
+
+    async def _renew_slots(self) -> None:
+        """Renew the concurrency slots of the runs executing here (each tick: a slot's
+        lease is as long as a run's) and sweep the limits of this worker's tasks."""
+        worker = self.worker
+        if not self._limits:
+            return
+        held: dict[Concurrency, list[str]] = {limit: [] for limit in self._limits.values()}
+        for execution in worker.inflight.values():
+            limit = self._limits.get(execution.task_id)
+            if limit is not None and not execution.done:
+                held[limit].append(execution.run_id)
+        await worker.limits.renew_and_sweep(held)
 
     async def renew_once(self) -> None:
         worker = self.worker

@@ -55,7 +55,7 @@ def validate(
         check_name("task id", msg.task)
     except ConfigurationError as exc:
         return Invalid(f"invalid message body: {exc}")
-    problem = options_problem(msg.idempotency_key, msg.tags)
+    problem = options_problem(msg.idempotency_key, msg.tags, msg.concurrency_key)
     if problem is not None:
         return Invalid(f"invalid message body: {problem[0]}: {problem[1]}")
     if msg.not_before is not None:

@@ -56,6 +56,7 @@ from conveyor.shared.waits import child_result, notify_parent, timed_out, token_
 from .admission import Admission
 from .delivery import Acks, Delivery
 from .execution import Execution, run_attempt
+from .limits import PARKED, Limits
 from .supervision import Supervisor
 from .validation import Invalid, delivery_count, validate
 
@@ -135,6 +136,7 @@ class Worker:
         self.admission = Admission(
             self.store, self.id, self._stopping, max_wait=self.settings.handover_after
         )
+        self.limits = Limits(self.store, self.id, self._publish_all)
         self._connection: AbstractRobustConnection | None = None
         # The publisher's own connection: RabbitMQ blocks a connection that publishes
         # during a resource alarm, and a blocked socket would hold up acks and deliveries.
@@ -377,6 +379,24 @@ class Worker:
             if early > DEFER_MARGIN_MS:
                 await self._defer(message, msg, queue, early)
                 return
+        if task.rate_limit is None and task.concurrency is None:
+            await self._claim_and_run(message, msg, task, queue, payload)
+            return
+        wait = await self.limits.admit(task, msg, queue)
+        if wait == PARKED:
+            message.ack()
+        elif wait is not None:
+            await self._defer(message, msg, queue, wait + DEFER_MARGIN_MS)
+        else:
+            try:
+                await self._claim_and_run(message, msg, task, queue, payload)
+            finally:
+                await self.limits.release(task, msg.id)
+
+    async def _claim_and_run(
+        self, message: Delivery, msg: RunMessage, task: Task[Any, Any], queue: str, payload: bytes
+    ) -> None:
+        assert msg.id is not None
         claimed_at = time.monotonic()
         claim = await self.admission.claim(msg.id)
         if claim.kind == "tokens":
@@ -396,6 +416,7 @@ class Worker:
                 msg.idempotency_key,
                 0,
                 scheduled_at=msg.scheduled_at or 0,
+                concurrency_key=msg.concurrency_key or "",
                 ttl_ms=msg.ttl or 0,
                 # Time spent queued after the message could run counts too.
                 ttl_from_ms=msg.not_before or 0,
@@ -471,6 +492,7 @@ class Worker:
                         payload=msgspec.Raw(child.payload),
                         id=child.run_id,
                         tags=child.tags,
+                        concurrency_key=child.concurrency_key or None,
                         ttl=child.ttl_ms or None,
                     )
                 ),
@@ -532,6 +554,8 @@ class Worker:
             elif outcome.run_status is RunStatus.WAITING:
                 await self._suspend(msg, queue, attempt)
             else:
+                if outcome.attempt_status == "THROTTLED":
+                    await self.limits.pause(task, outcome.retry_delay_ms / 1000)
                 result = await self.store.finish(
                     run_id,
                     self.id,
@@ -553,6 +577,7 @@ class Worker:
                     await self._notify_parent(lineage, run_id, ended)
                 if result.kind == "ok" and outcome.run_status is RunStatus.RETRYING:
                     msg.not_before = result.at_ms
+                    msg.reserved = None
                     await self._publish(
                         Outgoing(
                             queue,
@@ -589,6 +614,9 @@ class Worker:
     async def _publish(self, outgoing: Outgoing) -> None:
         """Publish one message, waiting at the broker gate while RabbitMQ is unavailable."""
         await self.broker_gate.call(lambda: self.publisher.publish([outgoing]))
+
+    async def _publish_all(self, outgoing: list[Outgoing]) -> None:
+        await self.broker_gate.call(lambda: self.publisher.publish(outgoing))
 
     async def _defer(self, message: Delivery, msg: RunMessage, queue: str, delay_ms: int) -> None:
         """Send the message round the delay ladder and ack this copy: nothing waits here."""

@@ -113,6 +113,7 @@ if crashes > 0 and crashes >= tonumber(ARGV[3]) - 1 and ARGV[5] ~= '1' then
   return {'alone', crashes}
 end
 local n = tonumber(r[4] or '0') + 1
+redis.call('HDEL', KEYS[1], 'throttle')
 redis.call('HSET', KEYS[1], 'status', 'EXECUTING', 'attempt', n, 'worker', ARGV[1],
   'claim', ARGV[6], 'lease_until', now + tonumber(ARGV[2]), 'started_at', r[8] or now,
   'a:' .. n, '{"number":' .. n .. ',"status":"EXECUTING","started_at":' .. now

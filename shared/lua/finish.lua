@@ -41,7 +41,8 @@ if run_status == 'RETRYING' then
   local at = now + tonumber(ARGV[9])
   redis.call('HSET', KEYS[1], record_key, closed_attempt(), 'status', 'RETRYING',
     'not_before', at, 'lease_until', 0, 'error', ARGV[6], 'done', ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'failures', 1)
+  -- Throttled downstream (RateLimited): tried again without using up an attempt.
+  if ARGV[4] ~= 'THROTTLED' then redis.call('HINCRBY', KEYS[1], 'failures', 1) end
   return {'ok', at}
 end
 if run_status == 'QUEUED' then
