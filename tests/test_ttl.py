@@ -329,3 +329,14 @@ async def _cut(proxy: Proxy) -> bool:
 async def _status_is(client: Client, run_id: str, status: RunStatus) -> bool:
     view = await client.store.status(run_id)
     return view is not None and view.status is status
+
+
+def test_a_declared_schedule_carries_its_tasks_ttl_to_its_ticks() -> None:
+    from conveyor.scheduler.declared import declared_schedules
+
+    @task(id="ttl-cron", ttl=timedelta(seconds=45), every=timedelta(minutes=1))
+    async def ticking() -> None:
+        pass
+
+    [(_, with_ttl)] = declared_schedules({"ttl-cron": ticking})
+    assert with_ttl.ttl_ms == 45_000
