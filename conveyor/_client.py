@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aio_pika
@@ -16,7 +17,7 @@ from redis.exceptions import RedisError
 
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
-from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
+from conveyor.shared.bounds import MAX_DELAY_MS, options_problem, ttl_ms
 from conveyor.shared.context import current_context
 from conveyor.shared.errors import (
     InvalidArguments,
@@ -164,8 +165,11 @@ class Client:
         tags: Sequence[str] | None = None,
         queue: str | None = None,
         concurrency_key: str | None = None,
+        ttl: float | timedelta | None = None,
     ) -> RunHandle[Any]:
-        """Trigger a task by id with a JSON-compatible payload of keyword arguments."""
+        """Trigger a task by id with a JSON-compatible payload of keyword arguments.
+        `ttl` (seconds or a timedelta): a run not started that long after its delay ends
+        EXPIRED (the task's own default is not known here)."""
         from ._task import TriggerOptions
 
         check_name("task id", task_id)
@@ -173,11 +177,15 @@ class Client:
             body = msgspec.json.encode(dict(payload or {}))
         except (TypeError, ValueError) as exc:
             raise InvalidArguments(task_id, f"payload is not JSON-serializable: {exc}") from exc
+        ms, bad_ttl = ttl_ms(ttl)
+        if bad_ttl is not None:
+            raise InvalidOption("ttl", bad_ttl)
         opts = TriggerOptions(
             idempotency_key=idempotency_key,
             delay=delay,
             tags=list(tags or []),
             concurrency_key=concurrency_key,
+            ttl=None if ms is None else ms / 1000,
         )
         [handle] = await self._trigger(task_id, queue or task_id, [body], opts, decode_any)
         return handle
@@ -209,6 +217,9 @@ class Client:
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
         delay_ms = int((opts.delay or 0) * 1000)
+        run_ttl_ms, bad_ttl = ttl_ms(opts.ttl)
+        if bad_ttl is not None:
+            raise InvalidOption("ttl", bad_ttl)
         if self._connection is None:
             await self.connect()
         if queue not in self.topology.declared_queues:
@@ -228,6 +239,7 @@ class Client:
                 parent=parent,
                 root=root,
                 concurrency_key=opts.concurrency_key or "",
+                ttl_ms=run_ttl_ms or 0,
             )
             for body in payloads
         ]
@@ -298,6 +310,7 @@ class Client:
                         tags=run.tags,
                         not_before=not_before,
                         concurrency_key=run.concurrency_key or None,
+                        ttl=run.ttl_ms or None,
                     )
                 ),
                 message_id=run.run_id,

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import msgspec
 
+from conveyor.shared.bounds import ttl_ms
 from conveyor.shared.context import current_context
 from conveyor.shared.cron import Cron
-from conveyor.shared.errors import InvalidArguments, RunFailed, TaskDefinitionError
+from conveyor.shared.errors import InvalidArguments, InvalidOption, RunFailed, TaskDefinitionError
 from conveyor.shared.limits import Concurrency, RateLimit, declare
 from conveyor.shared.names import check_name
 from conveyor.shared.retry import DEFAULT_RETRY, Retry
@@ -38,6 +39,8 @@ class TriggerOptions(msgspec.Struct, frozen=True, kw_only=True):
     delay: float | None = None
     tags: list[str] = msgspec.field(default_factory=list)
     concurrency_key: str | None = None
+    # Seconds the run may wait to start, after its delay; then it ends EXPIRED.
+    ttl: float | None = None
 
 
 class Task(Generic[P, R]):
@@ -54,11 +57,15 @@ class Task(Generic[P, R]):
         cron: Sequence[Cron] = (),
         rate_limit: str | RateLimit | None = None,
         concurrency_limit: int | Concurrency | None = None,
+        ttl: float | timedelta | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise TaskDefinitionError(f"task {id!r}: {fn.__qualname__} must be an async function")
         if max_duration is not None and max_duration <= 0:
             raise TaskDefinitionError(f"task {id!r}: max_duration must be positive")
+        ms, problem = ttl_ms(ttl)
+        if problem is not None:
+            raise TaskDefinitionError(f"task {id!r}: ttl {problem}")
         try:
             check_name("task id", id)
             check_name("queue", queue or id)
@@ -71,12 +78,14 @@ class Task(Generic[P, R]):
         self.max_duration = max_duration
         self.rate_limit = _rate_limit(id, rate_limit)
         self.concurrency = _concurrency(id, concurrency_limit)
+        # The runs' default ttl, in seconds; a trigger's options(ttl=...) overrides it.
+        self.ttl = None if ms is None else ms / 1000
         self._signature = inspect.signature(fn)
         hints = _hints(fn)
         self._args_decoder = msgspec.json.Decoder(_args_struct(id, self._signature, hints))
         self.result_type: Any = hints.get("return", Any)
         self._result_decoder: msgspec.json.Decoder[R] = msgspec.json.Decoder(self.result_type)
-        self._plain = BoundTask(self, TriggerOptions())
+        self._plain = BoundTask(self, TriggerOptions(ttl=self.ttl))
         # Its schedules, registered by `conveyor scheduler` (scheduler/declared.py).
         self.cron = list(cron)
         for c in self.cron:
@@ -102,9 +111,15 @@ class Task(Generic[P, R]):
         delay: float | None = None,
         tags: Sequence[str] | None = None,
         concurrency_key: str | None = None,
+        ttl: float | timedelta | None = None,
     ) -> BoundTask[P, R]:
         """`concurrency_key` puts the runs under the per-key limit of the task's
-        Concurrency(per_key=...): a tenant, a user, an account."""
+        Concurrency(per_key=...): a tenant, a user, an account. `ttl` (seconds or a
+        timedelta; None: the task's): a run not started that long after its delay ends
+        EXPIRED instead."""
+        ms, problem = ttl_ms(ttl)
+        if problem is not None:
+            raise InvalidOption("ttl", problem)
         return BoundTask(
             self,
             TriggerOptions(
@@ -112,6 +127,7 @@ class Task(Generic[P, R]):
                 delay=delay,
                 tags=list(tags or []),
                 concurrency_key=concurrency_key,
+                ttl=self.ttl if ms is None else ms / 1000,
             ),
         )
 
@@ -233,6 +249,7 @@ def task(
     every: timedelta | None = None,
     rate_limit: str | RateLimit | None = None,
     concurrency_limit: int | Concurrency | None = None,
+    ttl: float | timedelta | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
     """Declare an async function as a durable task with a stable id.
 
@@ -241,7 +258,9 @@ def task(
     them) and `every` (an interval) schedule runs, fired by `conveyor scheduler`; a bad
     expression or time zone raises InvalidSchedule here. `rate_limit` ('10/s' or a
     RateLimit) and `concurrency_limit` (a number or a Concurrency) hold across all
-    workers; a RateLimit or Concurrency with a name is shared by the tasks that use it."""
+    workers; a RateLimit or Concurrency with a name is shared by the tasks that use it.
+    `ttl` (seconds or a timedelta) ends a run that no worker started that long after
+    its delay as EXPIRED."""
     schedules = _schedules(cron, every)
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -254,6 +273,7 @@ def task(
             cron=schedules,
             rate_limit=rate_limit,
             concurrency_limit=concurrency_limit,
+            ttl=ttl,
         )
         existing = _registry.get(id)
         if existing is not None and (

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
+from conveyor.shared.bounds import ttl_ms
 from conveyor.shared.context import RunContext, Start, current_context
 from conveyor.shared.errors import ConveyorError, InvalidWait, RunFailed
 from conveyor.shared.store import NewRun, WaitRequest
@@ -34,6 +35,8 @@ def _child(
     ctx: RunContext, task: Task[Any, Any], key: str, payload: bytes, opts: TriggerOptions
 ) -> NewRun:
     delay_ms = int(opts.delay * 1000) if opts.delay else 0
+    # Checked when the options were made (Task.options).
+    child_ttl_ms, _ = ttl_ms(opts.ttl)
     return NewRun(
         child_run_id(ctx.info.id, key),
         task.id,
@@ -46,6 +49,7 @@ def _child(
         parent_step=key,
         root=ctx.root,
         concurrency_key=opts.concurrency_key or "",
+        ttl_ms=child_ttl_ms or 0,
     )
 
 

@@ -147,6 +147,7 @@ class Ticker:
                 None,
                 0,
                 scheduled_at=t.fire_ms,
+                ttl_ms=t.record.ttl_ms,
             )
             for t in ticks
         ]

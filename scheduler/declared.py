@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from conveyor.shared.schedules import ScheduleRecord, make_record
 
 
@@ -35,5 +37,7 @@ def declared_schedules(tasks: Mapping[str, Any]) -> list[tuple[str, ScheduleReco
                 queue=task.queue,
                 declared=True,
             )
+            if task.ttl is not None:
+                record = msgspec.structs.replace(record, ttl_ms=int(task.ttl * 1000))
             out.append((cron.key or f"{task.id}:{n}", record))
     return out

@@ -5,6 +5,10 @@ have started) when it is created. The hot path never touches it again; the reape
 at entries more than `reap_after` past their time and, by the run's state:
 
 - gone or terminal: the entry is removed;
+- QUEUED or DELAYED, never started and past its ttl: it ends EXPIRED (expire.lua) instead
+  of being republished. A child run a parent's step waits for has its message published
+  first: that copy is how its end reaches the parent (the worker's claim hands it over
+  before acking) should this scheduler die before telling the parent itself;
 - EXECUTING under a live lease, or not due yet (not_before ahead): the entry moves to
   that time;
 - QUEUED, DELAYED or RETRYING past due, WAITING past its earliest timer, or EXECUTING
@@ -18,6 +22,7 @@ while a scheduler leads (plus up to `scheduler_lease_ttl` after a leader dies).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +30,10 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
-from conveyor.shared.models import RunStatus
+from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.pipe import Arg
 from conveyor.shared.store import RunState
+from conveyor.shared.waits import child_result, notify_parent
 
 from .lease import Lease, Refused
 from .runtime import Runtime
@@ -45,6 +51,8 @@ MAX_TRACKED = 100_000
 
 _encoder = msgspec.json.Encoder()
 _WAITING = {RunStatus.QUEUED, RunStatus.DELAYED, RunStatus.RETRYING}
+# _judge's verdict for a run past its ttl.
+EXPIRE = -1
 
 
 class Reaper:
@@ -76,21 +84,35 @@ class Reaper:
         removed: list[str] = []
         moved: list[tuple[int, str]] = []
         stranded: list[str] = []
+        expiring: list[str] = []
         for run_id, state in zip(run_ids, states, strict=True):
             verdict = self._judge(state, now)
             if verdict is None:
                 removed.append(run_id)
                 self._times.pop(run_id, None)
+            elif verdict == EXPIRE:
+                expiring.append(run_id)
+                if state is not None and state.waited_for:
+                    stranded.append(run_id)
             elif verdict:
                 moved.append((verdict, run_id))
             else:
                 stranded.append(run_id)
         if stranded:
             await self._republish(stranded)
-            for run_id in stranded:
-                n = self._times.get(run_id, 0)
-                self._times[run_id] = n + 1
-                moved.append((now + self.after_ms * (min(2**n, MAX_BACKOFF) - 1), run_id))
+        later = stranded
+        if expiring:
+            expired = await self._expire(expiring)
+            removed += expired
+            for run_id in expired:
+                self._times.pop(run_id, None)
+            # One not expired after all (a worker started it meanwhile) is looked at again.
+            later = [r for r in stranded if r not in expired]
+            later += [r for r in expiring if r not in expired and r not in later]
+        for run_id in later:
+            n = self._times.get(run_id, 0)
+            self._times[run_id] = n + 1
+            moved.append((now + self.after_ms * (min(2**n, MAX_BACKOFF) - 1), run_id))
         await self._write(removed, moved)
         return len(stranded)
 
@@ -98,6 +120,8 @@ class Reaper:
         """None: drop the entry; a time: move it there; 0: republish the run."""
         if state is None or state.status.is_terminal:
             return None
+        if state.expired(now):
+            return EXPIRE
         if state.status is RunStatus.EXECUTING and state.lease_until > now:
             return state.lease_until
         if state.status in _WAITING and state.not_before > now:
@@ -130,6 +154,34 @@ class Reaper:
             log.info("republished %d stranded runs", published)
         if len(self._times) > MAX_TRACKED:
             self._times.clear()  # only the backoff is lost
+
+    async def _expire(self, run_ids: Sequence[str]) -> set[str]:
+        """End runs past their ttl EXPIRED and tell the parents waiting for them; the ids of
+        those ended (one a worker started meanwhile is left to it)."""
+        if not self.lease.held():
+            raise Refused("lease lost before expiring runs")
+        store = self.rt.store
+        ends = await asyncio.gather(*(store.expire(run_id) for run_id in run_ids))
+        expired = {run_id for run_id, end in zip(run_ids, ends, strict=True) if end is not None}
+        for run_id, end in zip(run_ids, ends, strict=True):
+            if end is not None and end.parent_step:
+                await notify_parent(
+                    store,
+                    self._publish_one,
+                    end.parent,
+                    end.parent_step,
+                    run_id,
+                    child_result(RunStatus.EXPIRED.value, b"", end.error),
+                )
+        if expired:
+            log.info("expired %d runs not started within their ttl", len(expired))
+        return expired
+
+    async def _publish_one(self, queue: str, message: RunMessage) -> None:
+        outgoing = Outgoing(queue, _encoder.encode(message), message_id=message.id)
+        for failed, exc in (await self.rt.publisher.publish_by_queue([outgoing])).items():
+            # The parent is QUEUED now: republished as stranded if this was lost.
+            log.warning("cannot publish a resumed run to queue %r: %s", failed, exc)
 
     async def _write(self, removed: list[str], moved: list[tuple[int, str]]) -> None:
         args: list[Arg] = [self.lease.token, len(removed), *removed]

@@ -4,6 +4,7 @@ dead-letters a wire message over them, both through the checks here."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 MAX_TAGS = 64
 MAX_TAG_CHARS = 256
@@ -12,7 +13,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 256
 # A concurrency key is stored beside each of its runs in the limit's hash slot.
 MAX_CONCURRENCY_KEY_CHARS = 256
 # Further ahead than this is taken for a mistake (seconds for milliseconds, a far future
-# sentinel): such a run would go round the delay ladder for years.
+# sentinel): such a run would go round the delay ladder for years. A ttl has the same bound.
 MAX_DELAY_MS = 366 * 24 * 3600 * 1000
 
 
@@ -50,4 +51,24 @@ def not_before_problem(not_before: int, now_ms: int) -> str | None:
             f"not_before {not_before} is more than {MAX_DELAY_MS // 86_400_000} days ahead "
             "(it is epoch milliseconds)"
         )
+    return None
+
+
+def ttl_ms(ttl: object) -> tuple[int | None, str | None]:
+    """A run's ttl (seconds, or a timedelta; None: no ttl) in milliseconds, or what is
+    wrong with it."""
+    if ttl is None:
+        return None, None
+    seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None, f"must be seconds (a number) or a timedelta, got {ttl!r}"
+    if not 0 < seconds <= MAX_DELAY_MS / 1000:
+        return None, f"must be more than 0 and at most {MAX_DELAY_MS // 1000} seconds, got {ttl!r}"
+    return max(1, int(seconds * 1000)), None
+
+
+def wire_ttl_problem(ttl: int) -> str | None:
+    """What is wrong with a message's `ttl` (milliseconds), if anything."""
+    if not 0 < ttl <= MAX_DELAY_MS:
+        return f"ttl {ttl} must be 1 to {MAX_DELAY_MS} (it is milliseconds)"
     return None

@@ -59,6 +59,9 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
     # A start reserved from the task's rate limit ("epoch:ms", shared/limiter.py), set by
     # the worker that deferred the run to that time.
     reserved: str | None = None
+    # Milliseconds the run may wait to start (docs/wire-format.md); for a run the worker
+    # creates from this message.
+    ttl: int | None = None
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
@@ -110,3 +113,5 @@ class Run(msgspec.Struct, frozen=True):
     concurrency_key: str | None = None
     # Why a QUEUED run has not started: the rate or concurrency limit it waits for.
     throttled: str | None = None
+    # A run with a ttl: it ends EXPIRED if no attempt has started by then.
+    expires_at: datetime | None = None

@@ -35,6 +35,8 @@ class ScheduleRecord(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     paused: bool = False
     # Made by a @task(cron=...) the scheduler registered (else by the API or the CLI).
     declared: bool = False
+    # The task's ttl (@task(ttl=...)), for the runs its ticks make; 0: none.
+    ttl_ms: int = 0
 
     def spec(self) -> Spec:
         return spec(

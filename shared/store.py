@@ -55,6 +55,10 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
     scheduled_at: int = 0
     concurrency_key: str = ""
+    # How long after its delay the run may wait to start (0: for ever), else EXPIRED;
+    # counted from `ttl_from_ms` (epoch ms) instead when set (a wire message's not_before).
+    ttl_ms: int = 0
+    ttl_from_ms: int = 0
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -72,6 +76,15 @@ class Lineage(msgspec.Struct, frozen=True, gc=False):
     parent: str
     parent_step: str
     root: str
+
+
+class Expired(msgspec.Struct, frozen=True, gc=False):
+    """A run expire.lua ended: its parent ('' for none), the parent's step that waits
+    for it ('' when none waits) and the error it ended with."""
+
+    parent: str
+    parent_step: str
+    error: str
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -144,6 +157,18 @@ class RunState(msgspec.Struct, frozen=True, gc=False):
     lease_until: int
     # Parked by a concurrency limit (or deferred by a rate limit): the limit wakes it.
     throttled: bool = False
+    # Epoch ms by which it must have started (0: no ttl); whether a parent's step waits
+    # for it.
+    expires_at: int = 0
+    waited_for: bool = False
+
+    def expired(self, now_ms: int) -> bool:
+        """Never started and past its ttl at `now_ms` (the test of expire.lua)."""
+        return (
+            self.status in (RunStatus.QUEUED, RunStatus.DELAYED)
+            and self.attempt == 0
+            and 0 < self.expires_at <= now_ms
+        )
 
 
 class Republish(msgspec.Struct, frozen=True):
@@ -180,6 +205,7 @@ class RunStore:
                 "cancel",
                 "abandon",
                 "release",
+                "expire",
                 "wait",
                 "suspend",
                 "resolve",
@@ -233,8 +259,9 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        # One create.lua call per task, queue, tags, delay, parent and cron tick.
-        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str]
+        # One create.lua call per task, queue, tags, delay, parent, cron tick, concurrency
+        # key and ttl.
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str, int, int]
         groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
             tags = tuple(run.tags)
@@ -246,6 +273,8 @@ class RunStore:
                 run.parent,
                 run.scheduled_at,
                 run.concurrency_key,
+                run.ttl_ms,
+                run.ttl_from_ms,
             )
             groups.setdefault(group, []).append(i)
         chunks = [
@@ -283,8 +312,8 @@ class RunStore:
                 future.set_result(cast(list[Created], mine))
 
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
-        """One create.lua call for runs of the same task, queue, tags, delay, parent and
-        tick."""
+        """One create.lua call for runs of the same task, queue, tags, delay, parent, tick
+        and ttl."""
         first = runs[0]
         keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
@@ -297,6 +326,8 @@ class RunStore:
             first.root or "",
             first.scheduled_at,
             first.concurrency_key,
+            first.ttl_ms,
+            first.ttl_from_ms,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -592,7 +623,15 @@ class RunStore:
             for run_id in run_ids:
                 pipe.hmget(
                     self.keys.run(run_id),
-                    ["status", "attempt", "not_before", "lease_until", "throttle"],
+                    [
+                        "status",
+                        "attempt",
+                        "not_before",
+                        "lease_until",
+                        "throttle",
+                        "expires_at",
+                        "parent_step",
+                    ],
                 )
             replies: list[Any] = await pipe.execute()
         return [
@@ -604,9 +643,20 @@ class RunStore:
                 int(nb or 0),
                 int(lu or 0),
                 throttle is not None,
+                int(expires or 0),
+                bool(step),
             )
-            for status, attempt, nb, lu, throttle in replies
+            for status, attempt, nb, lu, throttle, expires, step in replies
         ]
+
+    async def expire(self, run_id: str) -> Expired | None:
+        """End a run that never started and is past its ttl EXPIRED (expire.lua); None
+        if it was not (started meanwhile, ended, not past its ttl)."""
+        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.waits(run_id)]
+        reply = await self.scripts.call("expire", keys, [self._run_ttl])
+        if reply[0] != b"expired":
+            return None
+        return Expired(reply[1].decode(), reply[2].decode(), reply[3].decode())
 
     async def republishes(self, run_ids: Sequence[str]) -> list[Republish | None]:
         """Each run's message as its trigger published it (None: no such run)."""
@@ -731,6 +781,7 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         scheduled_at=_ms(f.get(b"scheduled_at")),
         concurrency_key=_text(f.get(b"ckey")),
         throttled=_text(f.get(b"throttle")) if status is RunStatus.QUEUED else None,
+        expires_at=_ms(f.get(b"expires_at")),
     )
 
 

@@ -48,6 +48,12 @@ async def main(client: Client) -> None:
     bound = add.options(idempotency_key="k", delay=1.0, tags=["x"])
     reveal_type(await bound.trigger(a=1))  # R: RunHandle[list[str]]
     await bound.trigger(a="1")  # E: arg-type
+    reveal_type(await add.options(ttl=timedelta(seconds=30)).trigger(a=1))  # R: RunHandle[list[str]]
+    add.options(ttl="30")  # E: arg-type
+    task(id="typing-ttl", ttl=1.5)
+    task(id="typing-ttl-2", ttl="1m")  # E: arg-type
+    reveal_type(await client.trigger("typing-add", ttl=30))  # R: RunHandle[Any]
+    reveal_type((await client.get_run("r")).expires_at)  # R: datetime | None
     reveal_type(await add.batch_trigger([{"a": 1}, {"a": 2}]))  # R: list[RunHandle[list[str]]]
     reveal_type(await client.trigger("typing-add", {"a": 1}))  # R: RunHandle[Any]
     reveal_type(fetch)  # R: def (url: str) -> Awaitable[bytes]

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from conveyor.shared.bounds import not_before_problem, options_problem
+from conveyor.shared.bounds import not_before_problem, options_problem, wire_ttl_problem
 from conveyor.shared.errors import ConfigurationError
 from conveyor.shared.models import RunMessage
 from conveyor.shared.names import check_name
@@ -62,6 +62,10 @@ def validate(
         late = not_before_problem(msg.not_before, now_ms)
         if late is not None:
             return Invalid(f"invalid message body: {late}")
+    if msg.ttl is not None:
+        bad = wire_ttl_problem(msg.ttl)
+        if bad is not None:
+            return Invalid(f"invalid message body: {bad}")
     return Valid(msg, payload)
 
 

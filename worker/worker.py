@@ -417,6 +417,9 @@ class Worker:
                 0,
                 scheduled_at=msg.scheduled_at or 0,
                 concurrency_key=msg.concurrency_key or "",
+                ttl_ms=msg.ttl or 0,
+                # Time spent queued after the message could run counts too.
+                ttl_from_ms=msg.not_before or 0,
             )
             [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
@@ -490,6 +493,7 @@ class Worker:
                         id=child.run_id,
                         tags=child.tags,
                         concurrency_key=child.concurrency_key or None,
+                        ttl=child.ttl_ms or None,
                     )
                 ),
                 message_id=child.run_id,

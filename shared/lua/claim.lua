@@ -5,13 +5,15 @@
 --       claim token (unique per delivery in the worker: the same claim sent again after a
 --       lost reply gets the same answer, not 'busy' and later a crash)
 -- Returns {'run', attempt, failures, crashes, parent, parent step, root, checkpoints...}
---       | {'drop', status[, parent, parent step, output, error]}
+--       | {'drop', status[, parent, parent step, output, error]} (also for a run that it
+--         ended EXPIRED: never started, and past its ttl)
 --       | {'busy', ms} | {'early', ms} | {'crashed', reason} | {'missing'} | {'alone', crashes}
 --       | {'tokens', step key, token id, ...} (a WAITING run's tokens past their timeout)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'not_before', 'attempt',
-  'crashes', 'failures', 'worker', 'started_at', 'claim', 'parent', 'parent_step', 'root')
+  'crashes', 'failures', 'worker', 'started_at', 'claim', 'parent', 'parent_step', 'root',
+  'expires_at')
 local status = r[1]
 if not status then return {'missing'} end
 if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status == 'CRASHED'
@@ -20,7 +22,7 @@ if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status
   -- wrote it may have died between the two.
   if r[10] then
     local o = redis.call('HMGET', KEYS[1], 'output', 'error')
-    return {'drop', status, r[10], r[11], o[1] or '', o[2] or ''}
+    return {'drop', status, r[10], r[11] or '', o[1] or '', o[2] or ''}
   end
   return {'drop', status}
 end
@@ -95,6 +97,16 @@ if status == 'EXECUTING' then
 end
 local nb = tonumber(r[3] or '0')
 if nb > now then return {'early', nb - now} end
+-- Never started and past its ttl: it ends EXPIRED instead (as in expire.lua, the reaper's).
+-- A claim sent again after a lost reply finds it ended, and gets the same 'drop'.
+if r[13] and r[4] == '0' and now >= tonumber(r[13]) then
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl') or '0') / 1000
+  local reason = 'not started within its ttl of ' .. ttl .. 's (no worker took it in time)'
+  redis.call('HSET', KEYS[1], 'status', 'EXPIRED', 'finished_at', now, 'error', reason)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+  if r[10] then return {'drop', 'EXPIRED', r[10], r[11] or '', '', reason} end
+  return {'drop', 'EXPIRED'}
+end
 -- The last chance (one more crash ends the run) runs alone in its worker, so the crash that
 -- ends a run is its own, never that of a poison message it ran beside (worker/admission.py).
 if crashes > 0 and crashes >= tonumber(ARGV[3]) - 1 and ARGV[5] ~= '1' then
