@@ -59,7 +59,9 @@ async def test_demo_retries_transcode_without_downloading_again(services: Servic
     await assert_namespace_gone(services, match.group(1))
 
 
-async def assert_namespace_gone(services: Services, namespace: str) -> None:
+async def assert_namespace_gone(
+    services: Services, namespace: str, queues: tuple[str, ...] = ("process-video",)
+) -> None:
     r = aioredis.Redis.from_url(services.redis_url)
     try:
         left = [k async for k in r.scan_iter(match=f"{namespace}:*", count=1000)]
@@ -68,7 +70,8 @@ async def assert_namespace_gone(services: Services, namespace: str) -> None:
     assert left == [], f"the demo left Redis keys behind: {left[:5]}"
     connection = await aio_pika.connect(services.amqp_url)
     async with connection:
-        for name in (f"{namespace}.q.process-video", f"{namespace}.ladder.0", f"{namespace}.dead"):
+        names = [f"{namespace}.q.{queue}" for queue in queues]
+        for name in [*names, f"{namespace}.ladder.0", f"{namespace}.dead"]:
             channel = await connection.channel()
             try:
                 await channel.declare_queue(name, passive=True)
