@@ -61,9 +61,10 @@ class Limiter:
 
     async def take_rate(self, limit: RateLimit, reserved: str | None) -> RateAnswer:
         epoch, _, at = (reserved or "").partition(":")
-        interval_us = max(1, round(limit.interval_ms * 1000))
         reply = await self._call(
-            "rate_take", [self.keys.rate(_name(limit))], [interval_us, limit.burst, epoch, at]
+            "rate_take",
+            [self.keys.rate(_name(limit))],
+            [_interval_us(limit), limit.burst, epoch, at],
         )
         if reply[0] == b"go":
             return RateAnswer(True)
@@ -71,7 +72,11 @@ class Limiter:
 
     async def pause_rate(self, limit: RateLimit, pause_ms: int) -> int:
         """Pause the limit for every worker; returns when the pause ends (Redis ms)."""
-        reply = await self._call("rate_pause", [self.keys.rate(_name(limit))], [max(1, pause_ms)])
+        reply = await self._call(
+            "rate_pause",
+            [self.keys.rate(_name(limit))],
+            [max(1, pause_ms), _interval_us(limit), limit.burst],
+        )
         return int(reply)
 
     async def take_slot(
@@ -107,6 +112,10 @@ class Limiter:
     async def _slots(self, limit: Concurrency, op: str, worker: str, rest: list[Arg]) -> Any:
         args: list[Arg] = [op, limit.limit, limit.key_limit, self._lease_ms, worker, *rest]
         return await self._call("slots", self.keys.slots(_name(limit)), args)
+
+
+def _interval_us(limit: RateLimit) -> int:
+    return max(1, round(limit.interval_ms * 1000))
 
 
 def _name(limit: RateLimit | Concurrency) -> str:

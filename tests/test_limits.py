@@ -360,3 +360,13 @@ async def test_lost_slot_wakes_are_made_good(
     # After the first, each start waited out a lease (2 s) for its lost wake-up.
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(starts) == 4 and all(g >= settings.lease_ttl * 0.8 for g in gaps), gaps
+
+
+async def test_a_pause_ends_at_the_steady_rate(limiter: Limiter) -> None:
+    """After a RateLimited pause the limit does not burst: the downstream just pushed back."""
+    limit = RateLimit(10, per=1.0, burst=5, name="script-pause")
+    until = await limiter.pause_rate(limit, 500)
+    answers = [await limiter.take_rate(limit, None) for _ in range(4)]
+    assert not any(a.go for a in answers)
+    ats = [a.at_ms for a in answers]
+    assert ats[0] == until and [b - a for a, b in itertools.pairwise(ats)] == [100, 100, 100]
