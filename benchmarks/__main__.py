@@ -2,9 +2,7 @@
 
 import sys
 
-USAGE = (
-    "usage: python -m benchmarks compare|throughput|ladder|schedules [options]  (--help after any)"
-)
+USAGE = "usage: python -m benchmarks compare|throughput|ladder|schedules|limits [options]  (--help after any)"
 
 
 def main() -> int:
@@ -17,6 +15,10 @@ def main() -> int:
         from benchmarks.ladder import main as ladder
 
         return ladder(rest)
+    if command == "limits":
+        from benchmarks.limits import main as limits
+
+        return limits(rest)
     if command == "schedules":
         from benchmarks.schedules import main as schedules
 

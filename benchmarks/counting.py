@@ -20,7 +20,9 @@ Keys of `counts`:
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +48,15 @@ def install() -> None:
     _wrap_pipe()
     _wrap_aiormq()
     _wrap_publisher()
+
+
+def install_if_asked() -> None:
+    """In a worker process: count when CONVEYOR_BENCH_COUNT names a file, and write the
+    counts there on exit."""
+    path = os.environ.get("CONVEYOR_BENCH_COUNT")
+    if path:
+        install()
+        atexit.register(dump, path)
 
 
 def reset() -> None:

@@ -8,18 +8,13 @@ measurements never set it.
 
 from __future__ import annotations
 
-import atexit
-import os
 import time
 
 from conveyor import step, task
 
 from . import counting
 
-_count_file = os.environ.get("CONVEYOR_BENCH_COUNT")
-if _count_file:
-    counting.install()
-    atexit.register(counting.dump, _count_file)
+counting.install_if_asked()
 
 
 @task(id="bench-noop")

@@ -106,9 +106,12 @@ def check_local(url: str, what: str) -> None:
 class WorkerPool:
     """Real worker processes for the benchmark's tasks; stopped with SIGTERM (graceful)."""
 
-    def __init__(self, settings: Settings, concurrency: int) -> None:
+    def __init__(
+        self, settings: Settings, concurrency: int, module: str = "benchmarks.tasks"
+    ) -> None:
         self.settings = settings
         self.concurrency = concurrency
+        self.module = module
         self.procs: list[subprocess.Popen[bytes]] = []
         self.profilers: list[subprocess.Popen[bytes]] = []
 
@@ -121,7 +124,7 @@ class WorkerPool:
             PYTHONPATH=str(ROOT),
         )
         full_env.update(env or {})
-        command = [sys.executable, "-m", "conveyor", "worker", "benchmarks.tasks"]
+        command = [sys.executable, "-m", "conveyor", "worker", self.module]
         command += ["--concurrency", str(self.concurrency), "--log-level", "ERROR"]
         for _ in range(count):
             self.procs.append(subprocess.Popen(command, env=full_env, cwd=str(ROOT)))
@@ -525,13 +528,13 @@ def _divide(counts: Mapping[str, int | float], n: int) -> dict[str, float]:
     return {k: v / n for k, v in sorted(counts.items()) if v}
 
 
-async def cleanup(settings: Settings) -> None:
+async def cleanup(settings: Settings, queues: Sequence[str] = QUEUES) -> None:
     """Delete every queue, exchange and key of the benchmark's namespace; a failure on
     one service does not keep the other from being cleaned."""
     try:
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
-            await Topology(settings).delete(await connection.channel(), QUEUES)
+            await Topology(settings).delete(await connection.channel(), list(queues))
     except Exception as exc:
         print(
             f"benchmark: could not delete the RabbitMQ queues and exchanges of namespace "

@@ -173,3 +173,36 @@ def test_the_schedules_benchmark_runs(services: Services) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "50 schedules '* * * * * *', 3 s: scheduler CPU" in done.stdout
     assert "ticks fired in" in done.stdout
+
+
+def run_limits(services: Services, out: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "CONVEYOR_AMQP_URL": services.amqp_url,
+        "CONVEYOR_REDIS_URL": services.redis_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", "limits", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+
+
+async def test_the_limits_benchmark_runs(services: Services, tmp_path: Path) -> None:
+    out = tmp_path / "limits.md"
+    done = run_limits(services, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    for heading in ("## Rate accuracy", "## Drain with a concurrency limit", "## Round trips"):
+        assert heading in text
+    for label in ("200/s, burst 20", "20/s, burst 20", "no limit", "concurrency 50"):
+        assert f"| {label} |" in text
+    namespace = done.stdout.split("namespace ", 1)[1].split(",", 1)[0]
+    r = aioredis.Redis.from_url(services.redis_url)
+    try:
+        assert [k async for k in r.scan_iter(match=f"{namespace}:*")] == []
+    finally:
+        await r.aclose()
