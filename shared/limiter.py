@@ -19,13 +19,15 @@ from .store import RunStore
 
 
 class RateAnswer(msgspec.Struct, frozen=True, gc=False):
-    """go, or a reservation: the run may start at `at_ms` (Redis's clock, now `now_ms`)
-    and holds it until a pause of the limit (a new epoch) voids it."""
+    """go (in `wait_ms`: its turn among starts that came together), or a reservation:
+    the run may start at `at_ms` (Redis's clock, now `now_ms`) and holds it until a pause
+    of the limit (a new epoch) voids it."""
 
     go: bool
     at_ms: int = 0
     now_ms: int = 0
     epoch: str = ""
+    wait_ms: int = 0
 
 
 class SlotAnswer(msgspec.Struct, frozen=True, gc=False):
@@ -67,7 +69,7 @@ class Limiter:
             [_interval_us(limit), limit.burst, epoch, at],
         )
         if reply[0] == b"go":
-            return RateAnswer(True)
+            return RateAnswer(True, wait_ms=int(reply[1]))
         return RateAnswer(False, int(reply[1]), int(reply[3]), reply[2].decode())
 
     async def pause_rate(self, limit: RateLimit, pause_ms: int) -> int:

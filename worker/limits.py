@@ -16,6 +16,7 @@ A throttled run stays QUEUED and says why (Run.throttled).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
@@ -62,6 +63,10 @@ class Limits:
         rate = task.rate_limit
         if rate is not None:
             answer = await self.limiter.take_rate(rate, msg.reserved)
+            if answer.go and answer.wait_ms:
+                # Its turn among runs that came back together: a moment, here. (Its
+                # start is taken: it goes on once the wait is over, even past a pause.)
+                await asyncio.sleep(answer.wait_ms / 1000)
             if not answer.go:
                 # Not the message's not_before, which workers compare with their own
                 # clocks: the run's not_before (Redis's clock, throttle.lua) holds it.

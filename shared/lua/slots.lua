@@ -63,27 +63,34 @@ end
 local function wake()
   local out = {}
   local free = limit - redis.call('ZCARD', H)
-  if free <= 0 then return out end
-  local candidates = redis.call('ZRANGE', P, 0, 199, 'WITHSCORES')
-  for i = 1, #candidates, 2 do
-    local run = candidates[i]
-    local meta = redis.call('HGET', M, run)
-    if not meta then
-      redis.call('ZREM', P, run)
-    else
-      local key, rest = split(meta)
-      if count('h:' .. key) < key_limit then
+  -- Read in pages about the size of the free slots (a release frees one): runs of keys at
+  -- their per-key limit stay in place, up to 200 of them are looked past.
+  local skipped = 0
+  while free > 0 and skipped < 200 do
+    local page = redis.call('ZRANGE', P, skipped, skipped + math.max(8, free * 4) - 1, 'WITHSCORES')
+    if #page == 0 then break end
+    for i = 1, #page, 2 do
+      local run = page[i]
+      local meta = redis.call('HGET', M, run)
+      if not meta then
         redis.call('ZREM', P, run)
-        redis.call('HINCRBY', C, 'p:' .. key, -1)
-        redis.call('HINCRBY', C, 'h:' .. key, 1)
-        hold(run, '', key)
-        redis.call('HSET', C, 'round', candidates[i + 1])
-        local queue, message = split(rest)
-        out[#out + 1] = run
-        out[#out + 1] = queue
-        out[#out + 1] = message
-        free = free - 1
-        if free == 0 then break end
+      else
+        local key, rest = split(meta)
+        if count('h:' .. key) < key_limit then
+          redis.call('ZREM', P, run)
+          redis.call('HINCRBY', C, 'p:' .. key, -1)
+          redis.call('HINCRBY', C, 'h:' .. key, 1)
+          hold(run, '', key)
+          redis.call('HSET', C, 'round', page[i + 1])
+          local queue, message = split(rest)
+          out[#out + 1] = run
+          out[#out + 1] = queue
+          out[#out + 1] = message
+          free = free - 1
+          if free == 0 then break end
+        else
+          skipped = skipped + 1
+        end
       end
     end
   end
