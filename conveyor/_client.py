@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared import tracing
 from conveyor.shared.bounds import MAX_DELAY_MS, options_problem
 from conveyor.shared.context import current_context
 from conveyor.shared.errors import (
@@ -208,17 +209,44 @@ class Client:
             raise InvalidOption(*problem)
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
-        delay_ms = int((opts.delay or 0) * 1000)
         if self._connection is None:
             await self.connect()
         if queue not in self.topology.declared_queues:
             await self.publisher.ensure_queue(queue)
+        run_ids = [new_run_id() for _ in payloads]
+        tracer = tracing.tracer()
+        if tracer is None:
+            carrier = tracing.current_carrier()
+            return await self._start(task_id, queue, payloads, run_ids, opts, decode, carrier)
+        span = tracing.start_publish(tracer, queue, task_id, run_ids)
+        try:
+            carrier = tracing.carrier_of(span)
+            return await self._start(task_id, queue, payloads, run_ids, opts, decode, carrier)
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _start(
+        self,
+        task_id: str,
+        queue: str,
+        payloads: Sequence[bytes],
+        run_ids: Sequence[str],
+        opts: TriggerOptions,
+        decode: Callable[[bytes], R],
+        carrier: tracing.Carrier | None,
+    ) -> list[RunHandle[R]]:
+        """Create the runs and publish their messages, with the trace context `carrier`."""
+        delay_ms = int((opts.delay or 0) * 1000)
         # Triggered inside a run: a child run, recorded under it (for its tree and cancel).
         ctx = current_context()
         parent, root = (ctx.info.id, ctx.root) if ctx is not None else (None, None)
+        trace = tracing.pack(carrier)
         runs = [
             NewRun(
-                new_run_id(),
+                run_id,
                 task_id,
                 queue,
                 body,
@@ -228,8 +256,9 @@ class Client:
                 parent=parent,
                 root=root,
                 concurrency_key=opts.concurrency_key or "",
+                trace=trace,
             )
-            for body in payloads
+            for run_id, body in zip(run_ids, payloads, strict=True)
         ]
         # One budget for the whole trigger: recording the runs and getting their confirms.
         deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
@@ -238,7 +267,7 @@ class Client:
             # at once: a worker that gets a message before its run exists creates it itself.
             creating = self.store.create(runs)
             await self._publish(
-                runs, self._messages(task_id, queue, runs, None), creating, deadline
+                runs, self._messages(task_id, queue, runs, None, carrier), creating, deadline
             )
             # Answered before returning, so the runs can be read at once.
             await self._created(runs, creating, deadline, published=True)
@@ -249,7 +278,7 @@ class Client:
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
         not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
         await self._publish(
-            fresh, self._messages(task_id, queue, fresh, not_before), None, deadline
+            fresh, self._messages(task_id, queue, fresh, not_before, carrier), None, deadline
         )
         hits = [c.run_id for c in created if not c.created]
         if hits:
@@ -276,6 +305,7 @@ class Client:
                 _message_encoder.encode(r.message),
                 message_id=r.message.id,
                 delay_ms=max(0, (r.message.not_before or 0) - now),
+                headers=r.headers,
             )
             for r in await self.store.republishes(unstarted)
             if r is not None
@@ -284,7 +314,12 @@ class Client:
             await self.publisher.publish(outgoing)
 
     def _messages(
-        self, task_id: str, queue: str, runs: Sequence[NewRun], not_before: int | None
+        self,
+        task_id: str,
+        queue: str,
+        runs: Sequence[NewRun],
+        not_before: int | None,
+        headers: tracing.Carrier | None,
     ) -> list[Outgoing]:
         return [
             Outgoing(
@@ -302,6 +337,7 @@ class Client:
                 ),
                 message_id=run.run_id,
                 delay_ms=run.delay_ms,
+                headers=headers,
             )
             for run in runs
         ]
@@ -422,9 +458,13 @@ class Client:
             if self._connection is None:
                 await self.connect()
             message = woken_message(run_id, woken)
-            await self.publisher.publish(
-                [Outgoing(woken.queue, msgspec.json.encode(message), message_id=run_id)]
+            outgoing = Outgoing(
+                woken.queue,
+                msgspec.json.encode(message),
+                message_id=run_id,
+                headers=tracing.unpack(woken.trace),
             )
+            await self.publisher.publish([outgoing])
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(run_id, self, decode_any)

@@ -117,7 +117,9 @@ class Reaper:
         if not self.lease.held():
             raise Refused("lease lost before republishing")
         outgoing = [
-            Outgoing(r.queue, _encoder.encode(r.message), message_id=r.message.id)
+            Outgoing(
+                r.queue, _encoder.encode(r.message), message_id=r.message.id, headers=r.headers
+            )
             for r in await self.rt.store.republishes(run_ids)
             if r is not None
         ]

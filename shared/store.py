@@ -14,6 +14,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from . import tracing
 from .availability import Gate
 from .errors import RunLost
 from .keys import Keys
@@ -55,6 +56,9 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     # Epoch ms of the cron tick that makes the run (0: none), see scheduler/cron.py.
     scheduled_at: int = 0
     concurrency_key: str = ""
+    # The trigger's trace context (shared/tracing.py pack), kept for the messages rebuilt
+    # from the run.
+    trace: str = ""
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -127,6 +131,7 @@ class Woken(msgspec.Struct, frozen=True, gc=False):
     tags: list[str]
     scheduled_at: int | None = None
     concurrency_key: str | None = None
+    trace: bytes = b""
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -151,6 +156,7 @@ class Republish(msgspec.Struct, frozen=True):
 
     queue: str
     message: RunMessage
+    headers: dict[str, str] | None = None  # the trigger's trace context
 
 
 class StatusView(msgspec.Struct, frozen=True):
@@ -233,8 +239,8 @@ class RunStore:
         self, batch: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]]
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
-        # One create.lua call per task, queue, tags, delay, parent and cron tick.
-        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str]
+        # One create.lua call per task, queue, tags, delay, parent, cron tick and trace.
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str, str]
         groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
             tags = tuple(run.tags)
@@ -246,6 +252,7 @@ class RunStore:
                 run.parent,
                 run.scheduled_at,
                 run.concurrency_key,
+                run.trace,
             )
             groups.setdefault(group, []).append(i)
         chunks = [
@@ -283,8 +290,8 @@ class RunStore:
                 future.set_result(cast(list[Created], mine))
 
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
-        """One create.lua call for runs of the same task, queue, tags, delay, parent and
-        tick."""
+        """One create.lua call for runs of the same task, queue, tags, delay, parent, tick
+        and trace."""
         first = runs[0]
         keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
@@ -297,6 +304,7 @@ class RunStore:
             first.root or "",
             first.scheduled_at,
             first.concurrency_key,
+            first.trace,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -501,7 +509,7 @@ class RunStore:
         )
         if reply[0] != b"wake":
             return None
-        task, queue, payload, tags, scheduled, ckey = reply[1:7]
+        task, queue, payload, tags, scheduled, ckey, trace = reply[1:8]
         return Woken(
             task.decode(),
             queue.decode(),
@@ -509,6 +517,7 @@ class RunStore:
             _tags_decoder.decode(tags),
             int(scheduled) if scheduled else None,
             ckey.decode() or None,
+            trace,
         )
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
@@ -623,11 +632,12 @@ class RunStore:
                         "not_before",
                         "scheduled_at",
                         "ckey",
+                        "trace",
                     ],
                 )
             replies: list[Any] = await pipe.execute()
         out: list[Republish | None] = []
-        for run_id, (task, queue, payload, tags, idem, nb, sched, ckey) in zip(
+        for run_id, (task, queue, payload, tags, idem, nb, sched, ckey, trace) in zip(
             run_ids, replies, strict=True
         ):
             if task is None or queue is None:
@@ -643,7 +653,7 @@ class RunStore:
                 scheduled_at=int(sched) if sched else None,
                 concurrency_key=ckey.decode() if ckey else None,
             )
-            out.append(Republish(queue.decode(), message))
+            out.append(Republish(queue.decode(), message, tracing.unpack(trace)))
         return out
 
     async def get(self, run_id: str) -> Run | None:

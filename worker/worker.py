@@ -34,6 +34,7 @@ from aiormq.abc import DeliveredMessage
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared import tracing
 from conveyor.shared.availability import (
     Backoff,
     Gate,
@@ -345,7 +346,13 @@ class Worker:
         except TimeoutError:
             delay_ms = int(self.settings.lease_ttl * 1000)
             await self._publish(
-                Outgoing(queue, message.body, message_id=message.message_id, delay_ms=delay_ms)
+                Outgoing(
+                    queue,
+                    message.body,
+                    message_id=message.message_id,
+                    delay_ms=delay_ms,
+                    headers=tracing.forward(message.headers),
+                )
             )
             message.ack()
             return False
@@ -371,7 +378,14 @@ class Worker:
             # Give the run an id its redeliveries keep: otherwise a redelivery after a crash
             # would start a second run and leave the first one EXECUTING for ever.
             msg.id = new_run_id()
-            await self._publish(Outgoing(queue, _encoder.encode(msg), message_id=msg.id))
+            await self._publish(
+                Outgoing(
+                    queue,
+                    _encoder.encode(msg),
+                    message_id=msg.id,
+                    headers=tracing.forward(message.headers),
+                )
+            )
             message.ack()
             return
         if msg.not_before is not None:
@@ -382,7 +396,7 @@ class Worker:
         if task.rate_limit is None and task.concurrency is None:
             await self._claim_and_run(message, msg, task, queue, payload)
             return
-        wait = await self.limits.admit(task, msg, queue)
+        wait = await self.limits.admit(task, msg, queue, tracing.forward(message.headers))
         if wait == PARKED:
             message.ack()
         elif wait is not None:
@@ -417,6 +431,7 @@ class Worker:
                 0,
                 scheduled_at=msg.scheduled_at or 0,
                 concurrency_key=msg.concurrency_key or "",
+                trace=tracing.pack(tracing.forward(message.headers)),
             )
             [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
@@ -471,14 +486,40 @@ class Worker:
             )
         )
 
-    async def _publish_message(self, queue: str, msg: RunMessage, delay_ms: int = 0) -> None:
+    async def _publish_message(
+        self, queue: str, msg: RunMessage, headers: tracing.Carrier | None, delay_ms: int = 0
+    ) -> None:
         await self._publish(
-            Outgoing(queue, _encoder.encode(msg), message_id=msg.id, delay_ms=delay_ms)
+            Outgoing(
+                queue, _encoder.encode(msg), message_id=msg.id, delay_ms=delay_ms, headers=headers
+            )
         )
 
     async def _spawn(self, children: list[NewRun]) -> None:
         """Create and publish the child runs a waiting step starts (those created by an
         earlier try are there already: a crash before their publish is the reaper's)."""
+        tracer = tracing.tracer()
+        if tracer is None:
+            await self._start_children(children, tracing.current_carrier())
+            return
+        # Under the span of the step or wait that starts them (current in this task).
+        span = tracing.start_publish(
+            tracer, children[0].queue, children[0].task_id, [c.run_id for c in children]
+        )
+        try:
+            await self._start_children(children, tracing.carrier_of(span))
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _start_children(
+        self, children: list[NewRun], carrier: tracing.Carrier | None
+    ) -> None:
+        if carrier:
+            trace = tracing.pack(carrier)
+            children = [msgspec.structs.replace(c, trace=trace) for c in children]
         created = await self.redis_gate.call(lambda: self.store.create(children))
         outgoing = [
             Outgoing(
@@ -494,6 +535,7 @@ class Worker:
                 ),
                 message_id=child.run_id,
                 delay_ms=child.delay_ms,
+                headers=carrier,
             )
             for child, made in zip(children, created, strict=True)
             if made.new
@@ -525,6 +567,12 @@ class Worker:
         run_id = msg.id
         assert run_id is not None
         execution = Execution(run_id, attempt, task.id, queue, message, claimed_at)
+        tracer = tracing.tracer()
+        span = (
+            None
+            if tracer is None
+            else tracing.AttemptSpan(tracer, message.headers, run_id, task.id, queue, attempt)
+        )
         ctx = RunContext(
             RunInfo(
                 run_id,
@@ -538,17 +586,22 @@ class Worker:
             stop=execution.stop,
             spawn=self._spawn,
             lineage=lineage,
+            tracer=tracer,
         )
         key = (run_id, attempt)
         self.inflight[key] = execution
         try:
             outcome = await run_attempt(task, payload, ctx, failures, execution)
+            if span is not None:
+                span.ended(outcome.attempt_status, outcome.error, outcome.traceback)
+            # A retry or resume carries the trigger's context (and a link to this attempt).
+            headers = tracing.forward(message.headers) if span is None else span.next_headers()
             if execution.stop_reason == "lost":
                 # Taken over (this attempt stalled past its lease) or ended: whatever this
                 # attempt found is not the run's any more, so it writes nothing.
                 log.warning("run %s: attempt %d lost the run; its outcome is dropped", *key)
             elif outcome.run_status is RunStatus.WAITING:
-                await self._suspend(msg, queue, attempt)
+                await self._suspend(msg, queue, attempt, headers)
             else:
                 if outcome.attempt_status == "THROTTLED":
                     await self.limits.pause(task, outcome.retry_delay_ms / 1000)
@@ -580,9 +633,12 @@ class Worker:
                             _encoder.encode(msg),
                             message_id=run_id,
                             delay_ms=outcome.retry_delay_ms,
+                            headers=headers,
                         )
                     )
         finally:
+            if span is not None:
+                span.end()
             execution.done = True
             self.inflight.pop(key, None)
             self.admission.finished(run_id)
@@ -593,7 +649,9 @@ class Worker:
         else:
             message.ack()
 
-    async def _suspend(self, msg: RunMessage, queue: str, attempt: int) -> None:
+    async def _suspend(
+        self, msg: RunMessage, queue: str, attempt: int, headers: tracing.Carrier | None
+    ) -> None:
         """End an attempt that only waits: WAITING, woken by what it waits for (a child's
         end, through notify_parent) or by a message at its earliest timer; or, when all of
         it is over already, run again at once."""
@@ -602,10 +660,10 @@ class Worker:
         suspended = await self.store.suspend(run_id, self.id, attempt)
         msg.not_before = None
         if suspended.kind == "resume":
-            await self._publish_message(queue, msg)
+            await self._publish_message(queue, msg, headers)
         elif suspended.kind == "waiting" and suspended.timer_ms:
             delay_ms = max(1, suspended.timer_ms - suspended.now_ms)
-            await self._publish_message(queue, msg, delay_ms)
+            await self._publish_message(queue, msg, headers, delay_ms)
 
     async def _publish(self, outgoing: Outgoing) -> None:
         """Publish one message, waiting at the broker gate while RabbitMQ is unavailable."""
@@ -618,7 +676,13 @@ class Worker:
         """Send the message round the delay ladder and ack this copy: nothing waits here."""
         run_id = msg.id
         await self._publish(
-            Outgoing(queue, _encoder.encode(msg), message_id=run_id, delay_ms=max(delay_ms, 1))
+            Outgoing(
+                queue,
+                _encoder.encode(msg),
+                message_id=run_id,
+                delay_ms=max(delay_ms, 1),
+                headers=tracing.forward(message.headers),
+            )
         )
         message.ack()
 
@@ -636,6 +700,7 @@ class Worker:
                 _encoder.encode(msg),
                 message_id=execution.run_id,
                 delay_ms=delay_ms,
+                headers=tracing.forward(message.headers),
             )
         )
         execution.handed_over = True

@@ -2,7 +2,8 @@
 -- KEYS: runs index, due index, then per run: run, idempotency (or the run key again when unused)
 -- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, parent run ('' for none), root run,
 --       scheduled_at (epoch ms of the cron tick that makes the runs, 0: none),
---       concurrency key ('' for none), then per run: run_id, payload, idem_key, parent step
+--       concurrency key ('' for none), trace context ('' for none),
+--       then per run: run_id, payload, idem_key, parent step
 -- Returns per run: 1 and its id (created), 2 and its id (it was there already), or 0 and
 -- the id of the run its idempotency key belongs to.
 -- A child run (with a parent) records its parent, the parent's step waiting for it (if any)
@@ -12,13 +13,13 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local task, queue, tags, delay, idem_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local parent, root, scheduled, ckey = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local parent, root, scheduled, ckey, trace = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local status = 'QUEUED'
 if delay > 0 then status = 'DELAYED' end
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local run_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local run_id, payload, idem = ARGV[4 * i + 6], ARGV[4 * i + 7], ARGV[4 * i + 8]
+  local run_id, payload, idem = ARGV[4 * i + 7], ARGV[4 * i + 8], ARGV[4 * i + 9]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', idem_key)
@@ -37,12 +38,13 @@ for i = 1, (#KEYS - 2) / 2 do
       if delay > 0 then redis.call('HSET', run_key, 'not_before', now + delay) end
       if scheduled ~= '0' then redis.call('HSET', run_key, 'scheduled_at', scheduled) end
       if ckey ~= '' then redis.call('HSET', run_key, 'ckey', ckey) end
+      if trace ~= '' then redis.call('HSET', run_key, 'trace', trace) end
       redis.call('HSET', run_key, 'task', task, 'queue', queue, 'status', status,
         'payload', payload, 'tags', tags, 'idem', idem, 'created_at', now,
         'attempt', 0, 'failures', 0, 'crashes', 0)
       if parent ~= '' then
         redis.call('HSET', run_key, 'parent', parent, 'root', root)
-        if ARGV[4 * i + 9] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 9]) end
+        if ARGV[4 * i + 10] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 10]) end
       end
       redis.call('ZADD', KEYS[1], now, run_id)
       redis.call('ZADD', KEYS[2], now + delay, run_id)
