@@ -462,7 +462,7 @@ class Client:
                 woken.queue,
                 msgspec.json.encode(message),
                 message_id=run_id,
-                headers=tracing.unpack(woken.trace),
+                headers=tracing.woken_headers(woken.trace, woken.last_attempt),
             )
             await self.publisher.publish([outgoing])
 

@@ -131,7 +131,8 @@ class Woken(msgspec.Struct, frozen=True, gc=False):
     tags: list[str]
     scheduled_at: int | None = None
     concurrency_key: str | None = None
-    trace: bytes = b""
+    trace: bytes = b""  # the trigger's trace context
+    last_attempt: bytes = b""  # the traceparent of the attempt that suspended
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -489,10 +490,14 @@ class RunStore:
             for i in range(1, len(reply), 2)
         ]
 
-    async def suspend(self, run_id: str, worker: str, attempt: int) -> Suspended:
-        """End this attempt as WAITING for its waitpoints (suspend.lua)."""
+    async def suspend(
+        self, run_id: str, worker: str, attempt: int, traceparent: str = ""
+    ) -> Suspended:
+        """End this attempt as WAITING for its waitpoints (suspend.lua); `traceparent`:
+        the attempt's span, for the attempt that resumes the run to link to."""
         keys = [self.keys.run(run_id), self.keys.waits(run_id)]
-        reply = await self._hot("suspend", self.scripts.command("suspend", keys, [worker, attempt]))
+        args: list[Arg] = [worker, attempt, traceparent]
+        reply = await self._hot("suspend", self.scripts.command("suspend", keys, args))
         kind = reply[0].decode()
         if kind == "waiting":
             return Suspended("waiting", int(reply[1]), int(reply[2]))
@@ -509,7 +514,7 @@ class RunStore:
         )
         if reply[0] != b"wake":
             return None
-        task, queue, payload, tags, scheduled, ckey, trace = reply[1:8]
+        task, queue, payload, tags, scheduled, ckey, trace, last_attempt = reply[1:9]
         return Woken(
             task.decode(),
             queue.decode(),
@@ -518,6 +523,7 @@ class RunStore:
             int(scheduled) if scheduled else None,
             ckey.decode() or None,
             trace,
+            last_attempt,
         )
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:

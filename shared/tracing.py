@@ -115,6 +115,15 @@ def unpack(packed: bytes | str | None) -> Carrier | None:
         return None
 
 
+def woken_headers(trace: bytes, last_attempt: bytes) -> Carrier | None:
+    """The headers of a suspended run's wake-up: its trigger's context and a link to the
+    attempt that suspended (both kept in its hash)."""
+    carrier = unpack(trace)
+    if last_attempt:
+        carrier = {**(carrier or {}), PREVIOUS_ATTEMPT_HEADER: last_attempt.decode()}
+    return carrier
+
+
 def _messaging(operation: str, kind: str, queue: str) -> dict[str, Any]:
     return {
         "messaging.system": "rabbitmq",
@@ -190,11 +199,13 @@ class AttemptSpan:
         # without one, this first traced attempt's, so later attempts join its trace.
         self.carrier = forward(headers) or carrier_of(self.span)
 
+    def traceparent(self) -> str:
+        own = self.span.get_span_context()
+        return f"00-{own.trace_id:032x}-{own.span_id:016x}-{own.trace_flags:02x}"
+
     def next_headers(self) -> Carrier:
         """Headers of a retry or resume this attempt publishes."""
-        own = self.span.get_span_context()
-        link = f"00-{own.trace_id:032x}-{own.span_id:016x}-{own.trace_flags:02x}"
-        return {**self.carrier, PREVIOUS_ATTEMPT_HEADER: link}
+        return {**self.carrier, PREVIOUS_ATTEMPT_HEADER: self.traceparent()}
 
     def ended(self, attempt_status: str, error: str, traceback: str) -> None:
         """Record how the attempt ended; a failure as the exception with its stack trace."""

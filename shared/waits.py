@@ -74,7 +74,8 @@ async def notify_parent(
     and wakes nobody twice."""
     woken = await store.resolve(parent, parent_step, child_id, result)
     if woken is not None:
-        await publish(woken.queue, woken_message(parent, woken), tracing.unpack(woken.trace))
+        headers = tracing.woken_headers(woken.trace, woken.last_attempt)
+        await publish(woken.queue, woken_message(parent, woken), headers)
 
 
 async def token_outcome(store: RunStore, token_id: str, run_id: str, key: str) -> bytes | None:

@@ -601,7 +601,8 @@ class Worker:
                 # attempt found is not the run's any more, so it writes nothing.
                 log.warning("run %s: attempt %d lost the run; its outcome is dropped", *key)
             elif outcome.run_status is RunStatus.WAITING:
-                await self._suspend(msg, queue, attempt, headers)
+                traceparent = "" if span is None else span.traceparent()
+                await self._suspend(msg, queue, attempt, headers, traceparent)
             else:
                 if outcome.attempt_status == "THROTTLED":
                     await self.limits.pause(task, outcome.retry_delay_ms / 1000)
@@ -650,14 +651,19 @@ class Worker:
             message.ack()
 
     async def _suspend(
-        self, msg: RunMessage, queue: str, attempt: int, headers: tracing.Carrier | None
+        self,
+        msg: RunMessage,
+        queue: str,
+        attempt: int,
+        headers: tracing.Carrier | None,
+        traceparent: str,
     ) -> None:
         """End an attempt that only waits: WAITING, woken by what it waits for (a child's
         end, through notify_parent) or by a message at its earliest timer; or, when all of
         it is over already, run again at once."""
         assert msg.id is not None
         run_id = msg.id
-        suspended = await self.store.suspend(run_id, self.id, attempt)
+        suspended = await self.store.suspend(run_id, self.id, attempt, traceparent)
         msg.not_before = None
         if suspended.kind == "resume":
             await self._publish_message(queue, msg, headers)
