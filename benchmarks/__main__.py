@@ -3,7 +3,8 @@
 import sys
 
 USAGE = (
-    "usage: python -m benchmarks compare|throughput|ladder|schedules [options]  (--help after any)"
+    "usage: python -m benchmarks compare|throughput|ladder|schedules|tracing [options]"
+    "  (--help after any)"
 )
 
 
@@ -21,6 +22,10 @@ def main() -> int:
         from benchmarks.schedules import main as schedules
 
         return schedules(rest)
+    if command == "tracing":
+        from benchmarks.tracing import main as tracing
+
+        return tracing(rest)
     if command == "throughput":
         from benchmarks.throughput import main as throughput
 

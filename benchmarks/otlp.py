@@ -1,11 +1,13 @@
 """A tiny OTLP/HTTP trace receiver on 127.0.0.1: decodes each ExportTraceServiceRequest
 (opentelemetry-proto) and keeps its spans. The tracing benchmark exports to it, and
-tests/test_tracing.py checks what real worker processes send."""
+tests/test_tracing.py checks what real worker processes send. Also the tracing
+benchmark's no-op exporter."""
 
 from __future__ import annotations
 
 import gzip
 import threading
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -74,10 +76,13 @@ class Receiver:
     """`with Receiver() as r:` listens on a free port; `r.endpoint` is the value for
     OTEL_EXPORTER_OTLP_ENDPOINT; `r.spans()` are those received so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: bool = True) -> None:
+        """keep=False: count the requests and their bytes only (no decoding, so that a
+        benchmark's receiver takes little of the machine's CPU)."""
         self._lock = threading.Lock()
         self._spans: list[ReceivedSpan] = []
         self.requests = 0
+        self.bytes = 0
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,10 +90,11 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                received = decode(body) if self.path == "/v1/traces" else []
+                received = decode(body) if keep and self.path == "/v1/traces" else []
                 with receiver._lock:
                     receiver._spans += received
                     receiver.requests += 1
+                    receiver.bytes += len(body)
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200 if self.path == "/v1/traces" else 404)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -118,3 +124,22 @@ class Receiver:
     def clear(self) -> None:
         with self._lock:
             self._spans.clear()
+
+
+def install_noop_exporter() -> None:
+    """In a worker process: the SDK with a batch processor whose exporter drops all."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    trace.set_tracer_provider(provider)

@@ -20,6 +20,10 @@ _count_file = os.environ.get("CONVEYOR_BENCH_COUNT")
 if _count_file:
     counting.install()
     atexit.register(counting.dump, _count_file)
+if os.environ.get("CONVEYOR_BENCH_TRACING") == "noop":
+    from .otlp import install_noop_exporter
+
+    install_noop_exporter()
 
 
 @task(id="bench-noop")
