@@ -594,14 +594,13 @@ class Worker:
             outcome = await run_attempt(task, payload, ctx, failures, execution)
             if span is not None:
                 span.ended(outcome.attempt_status, outcome.error, outcome.traceback)
-            # A retry or resume carries the trigger's context (and a link to this attempt).
-            headers = tracing.forward(message.headers) if span is None else span.next_headers()
             if execution.stop_reason == "lost":
                 # Taken over (this attempt stalled past its lease) or ended: whatever this
                 # attempt found is not the run's any more, so it writes nothing.
                 log.warning("run %s: attempt %d lost the run; its outcome is dropped", *key)
             elif outcome.run_status is RunStatus.WAITING:
                 traceparent = "" if span is None else span.traceparent()
+                headers = _next_headers(message, span)
                 await self._suspend(msg, queue, attempt, headers, traceparent)
             else:
                 if outcome.attempt_status == "THROTTLED":
@@ -634,7 +633,7 @@ class Worker:
                             _encoder.encode(msg),
                             message_id=run_id,
                             delay_ms=outcome.retry_delay_ms,
-                            headers=headers,
+                            headers=_next_headers(message, span),
                         )
                     )
         finally:
@@ -749,6 +748,12 @@ async def _wait_set(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _next_headers(message: Delivery, span: tracing.AttemptSpan | None) -> tracing.Carrier | None:
+    """The headers of a retry or resume: the trigger's trace context (and, when this
+    attempt was traced, a link to it)."""
+    return tracing.forward(message.headers) if span is None else span.next_headers()
 
 
 def _requeue_pause(headers: Mapping[str, Any]) -> float:
