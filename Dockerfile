@@ -9,7 +9,8 @@ COPY shared shared
 COPY broker broker
 COPY worker worker
 COPY scheduler scheduler
-RUN pip install --no-cache-dir . && rm -rf /src
+# [otel]: the OpenTelemetry SDK and OTLP exporter, used when OTEL_* asks for traces
+RUN pip install --no-cache-dir '.[otel]' && rm -rf /src
 
 # Task modules are imported from the working directory (`conveyor worker examples.video_pipeline`).
 WORKDIR /app

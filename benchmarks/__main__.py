@@ -2,7 +2,10 @@
 
 import sys
 
-USAGE = "usage: python -m benchmarks compare|throughput|ladder|schedules|limits [options]  (--help after any)"
+USAGE = (
+    "usage: python -m benchmarks compare|throughput|ladder|schedules|limits|tracing [options]"
+    "  (--help after any)"
+)
 
 
 def main() -> int:
@@ -23,6 +26,10 @@ def main() -> int:
         from benchmarks.schedules import main as schedules
 
         return schedules(rest)
+    if command == "tracing":
+        from benchmarks.tracing import main as tracing
+
+        return tracing(rest)
     if command == "throughput":
         from benchmarks.throughput import main as throughput
 

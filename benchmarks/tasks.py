@@ -8,6 +8,7 @@ measurements never set it.
 
 from __future__ import annotations
 
+import os
 import time
 
 from conveyor import step, task
@@ -15,6 +16,10 @@ from conveyor import step, task
 from . import counting
 
 counting.install_if_asked()
+if os.environ.get("CONVEYOR_BENCH_TRACING") == "noop":
+    from .otlp import install_noop_exporter
+
+    install_noop_exporter()
 
 
 @task(id="bench-noop")

@@ -263,16 +263,22 @@ class Bench:
         return ids
 
     async def drain(
-        self, workers: int, task: Any, items: Sequence[Mapping[str, Any]], profile: str | None
+        self,
+        workers: int,
+        task: Any,
+        items: Sequence[Mapping[str, Any]],
+        profile: str | None,
+        env: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Trigger all runs with no worker running, then start the workers and time them."""
+        """Trigger all runs with no worker running, then start the workers (with `env`
+        added to their environment) and time them."""
         assert not self.pool.procs, "drain needs the workers stopped"
         started = time.perf_counter()
         ids = await self.batch_trigger(task, items)
         trigger_rate = len(ids) / (time.perf_counter() - started)
         before = await self.commandstats()
         self.own_hget = 0
-        self.pool.start(workers)
+        self.pool.start(workers, env=env)
         if profile:
             self.pool.profile_first(profile)
         # CPU is counted from the moment every worker consumes (imports and start-up excluded).

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared import tracing
 from conveyor.shared.bounds import MAX_DELAY_MS, options_problem, ttl_ms
 from conveyor.shared.context import current_context
 from conveyor.shared.errors import (
@@ -216,20 +217,48 @@ class Client:
             raise InvalidOption(*problem)
         if opts.idempotency_key is not None and len(payloads) > 1:
             raise TriggerError("one idempotency_key cannot be shared by a batch of runs")
-        delay_ms = int((opts.delay or 0) * 1000)
-        run_ttl_ms, bad_ttl = ttl_ms(opts.ttl)
+        bad_ttl = ttl_ms(opts.ttl)[1]
         if bad_ttl is not None:
             raise InvalidOption("ttl", bad_ttl)
         if self._connection is None:
             await self.connect()
         if queue not in self.topology.declared_queues:
             await self.publisher.ensure_queue(queue)
+        run_ids = [new_run_id() for _ in payloads]
+        tracer = tracing.tracer()
+        if tracer is None:
+            carrier = tracing.current_carrier()
+            return await self._start(task_id, queue, payloads, run_ids, opts, decode, carrier)
+        span = tracing.start_publish(tracer, queue, task_id, run_ids)
+        try:
+            carrier = tracing.carrier_of(span)
+            return await self._start(task_id, queue, payloads, run_ids, opts, decode, carrier)
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _start(
+        self,
+        task_id: str,
+        queue: str,
+        payloads: Sequence[bytes],
+        run_ids: Sequence[str],
+        opts: TriggerOptions,
+        decode: Callable[[bytes], R],
+        carrier: tracing.Carrier | None,
+    ) -> list[RunHandle[R]]:
+        """Create the runs and publish their messages, with the trace context `carrier`."""
+        delay_ms = int((opts.delay or 0) * 1000)
+        run_ttl_ms = ttl_ms(opts.ttl)[0]  # checked by _trigger
         # Triggered inside a run: a child run, recorded under it (for its tree and cancel).
         ctx = current_context()
         parent, root = (ctx.info.id, ctx.root) if ctx is not None else (None, None)
+        trace = tracing.pack(carrier)
         runs = [
             NewRun(
-                new_run_id(),
+                run_id,
                 task_id,
                 queue,
                 body,
@@ -240,8 +269,9 @@ class Client:
                 root=root,
                 concurrency_key=opts.concurrency_key or "",
                 ttl_ms=run_ttl_ms or 0,
+                trace=trace,
             )
-            for body in payloads
+            for run_id, body in zip(run_ids, payloads, strict=True)
         ]
         # One budget for the whole trigger: recording the runs and getting their confirms.
         deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
@@ -250,7 +280,7 @@ class Client:
             # at once: a worker that gets a message before its run exists creates it itself.
             creating = self.store.create(runs)
             await self._publish(
-                runs, self._messages(task_id, queue, runs, None), creating, deadline
+                runs, self._messages(task_id, queue, runs, None, carrier), creating, deadline
             )
             # Answered before returning, so the runs can be read at once.
             await self._created(runs, creating, deadline, published=True)
@@ -261,7 +291,7 @@ class Client:
         fresh = [run for run, c in zip(runs, created, strict=True) if c.created]
         not_before = int(time.time() * 1000) + delay_ms if delay_ms else None
         await self._publish(
-            fresh, self._messages(task_id, queue, fresh, not_before), None, deadline
+            fresh, self._messages(task_id, queue, fresh, not_before, carrier), None, deadline
         )
         hits = [c.run_id for c in created if not c.created]
         if hits:
@@ -288,6 +318,7 @@ class Client:
                 _message_encoder.encode(r.message),
                 message_id=r.message.id,
                 delay_ms=max(0, (r.message.not_before or 0) - now),
+                headers=r.headers,
             )
             for r in await self.store.republishes(unstarted)
             if r is not None
@@ -296,7 +327,12 @@ class Client:
             await self.publisher.publish(outgoing)
 
     def _messages(
-        self, task_id: str, queue: str, runs: Sequence[NewRun], not_before: int | None
+        self,
+        task_id: str,
+        queue: str,
+        runs: Sequence[NewRun],
+        not_before: int | None,
+        headers: tracing.Carrier | None,
     ) -> list[Outgoing]:
         return [
             Outgoing(
@@ -315,6 +351,7 @@ class Client:
                 ),
                 message_id=run.run_id,
                 delay_ms=run.delay_ms,
+                headers=headers,
             )
             for run in runs
         ]
@@ -435,9 +472,13 @@ class Client:
             if self._connection is None:
                 await self.connect()
             message = woken_message(run_id, woken)
-            await self.publisher.publish(
-                [Outgoing(woken.queue, msgspec.json.encode(message), message_id=run_id)]
+            outgoing = Outgoing(
+                woken.queue,
+                msgspec.json.encode(message),
+                message_id=run_id,
+                headers=tracing.woken_headers(woken.trace, woken.last_attempt),
             )
+            await self.publisher.publish([outgoing])
 
     def handle(self, run_id: str) -> RunHandle[Any]:
         return RunHandle(run_id, self, decode_any)

@@ -10,7 +10,7 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conveyor._client import Client
 from conveyor._task import registered_tasks
+from conveyor._telemetry import configure_tracing, join_environment_trace
 from conveyor.shared.errors import ConveyorError, RunNotFound
 from conveyor.shared.models import Run, RunStatus
 from conveyor.shared.schedules import Schedule
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _scheduler(args)
         if args.command == "dead":
             return uvloop.run(_dead_command(args))
+        if args.command == "trigger":
+            return _traced("conveyor-cli", lambda: uvloop.run(_client_command(args)))
         return uvloop.run(_client_command(args))
     except ConveyorError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
@@ -154,6 +157,17 @@ def _import_modules(args: argparse.Namespace) -> bool:
     return True
 
 
+def _traced(service: str, command: Callable[[], int]) -> int:
+    """Run a command with the OpenTelemetry SDK set up if OTEL_* asks for it, flushing
+    the spans still buffered at the end."""
+    shutdown = configure_tracing(service)
+    try:
+        return command()
+    finally:
+        if shutdown is not None:
+            shutdown()
+
+
 def _scheduler(args: argparse.Namespace) -> int:
     from conveyor.scheduler import Scheduler
 
@@ -167,8 +181,7 @@ def _scheduler(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, scheduler.stop)
         await scheduler.run()
 
-    uvloop.run(serve())
-    return 0
+    return _traced("conveyor-scheduler", lambda: _serve(serve()))
 
 
 async def _dead_command(args: argparse.Namespace) -> int:
@@ -244,7 +257,11 @@ def _worker(args: argparse.Namespace) -> int:
     # CPU), mostly walking what the imports made. Those are frozen out of its way.
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    uvloop.run(serve())
+    return _traced("conveyor-worker", lambda: _serve(serve()))
+
+
+def _serve(main: Coroutine[Any, Any, None]) -> int:
+    uvloop.run(main)
     return 0
 
 
@@ -253,6 +270,7 @@ async def _client_command(args: argparse.Namespace) -> int:
         if args.command == "schedules":
             return await _schedules_command(client, args)
         if args.command == "trigger":
+            join_environment_trace()
             payload = _payload(args.payload)
             handle = await client.trigger(args.task_id, payload)
             if not args.wait:

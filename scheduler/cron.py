@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
+from conveyor.shared import tracing
 from conveyor.shared.cron import Spec, tick_run_id
 from conveyor.shared.errors import InvalidSchedule
 from conveyor.shared.models import RunMessage
@@ -137,6 +138,31 @@ class Ticker:
         return len(ticks) >= MAX_TICKS
 
     async def _start(self, ticks: Sequence[Tick]) -> None:
+        # Each tick is a trace of its own, started by its PRODUCER span.
+        tracer = tracing.tracer()
+        spans = (
+            [
+                tracing.start_publish(
+                    tracer, t.record.queue, t.record.task_id, [tick_run_id(t.key, t.fire_ms)]
+                )
+                for t in ticks
+            ]
+            if tracer is not None
+            else []
+        )
+        try:
+            await self._create_and_publish(ticks, [tracing.carrier_of(s) for s in spans])
+        except BaseException as exc:
+            for span in spans:
+                tracing.fail(span, exc)
+            raise
+        finally:
+            for span in spans:
+                span.end()
+
+    async def _create_and_publish(
+        self, ticks: Sequence[Tick], carriers: Sequence[tracing.Carrier]
+    ) -> None:
         runs = [
             NewRun(
                 tick_run_id(t.key, t.fire_ms),
@@ -148,8 +174,9 @@ class Ticker:
                 0,
                 scheduled_at=t.fire_ms,
                 ttl_ms=t.record.ttl_ms,
+                trace=tracing.pack(carriers[i]) if carriers else "",
             )
-            for t in ticks
+            for i, t in enumerate(ticks)
         ]
         await self.rt.store.create(runs)
         if not self.lease.held():
@@ -166,8 +193,9 @@ class Ticker:
                     )
                 ),
                 message_id=run.run_id,
+                headers=carriers[i] if carriers else None,
             )
-            for run in runs
+            for i, run in enumerate(runs)
         ]
         # The runs exist: the reaper republishes those not published (reap_after past due).
         for queue, exc in (await self.rt.publisher.publish_by_queue(outgoing)).items():

@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
+from conveyor.shared import tracing
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.pipe import Arg
 from conveyor.shared.store import RunState
@@ -141,7 +142,9 @@ class Reaper:
         if not self.lease.held():
             raise Refused("lease lost before republishing")
         outgoing = [
-            Outgoing(r.queue, _encoder.encode(r.message), message_id=r.message.id)
+            Outgoing(
+                r.queue, _encoder.encode(r.message), message_id=r.message.id, headers=r.headers
+            )
             for r in await self.rt.store.republishes(run_ids)
             if r is not None
         ]
@@ -177,8 +180,10 @@ class Reaper:
             log.info("expired %d runs not started within their ttl", len(expired))
         return expired
 
-    async def _publish_one(self, queue: str, message: RunMessage) -> None:
-        outgoing = Outgoing(queue, _encoder.encode(message), message_id=message.id)
+    async def _publish_one(
+        self, queue: str, message: RunMessage, headers: tracing.Carrier | None
+    ) -> None:
+        outgoing = Outgoing(queue, _encoder.encode(message), message_id=message.id, headers=headers)
         for failed, exc in (await self.rt.publisher.publish_by_queue([outgoing])).items():
             # The parent is QUEUED now: republished as stranded if this was lost.
             log.warning("cannot publish a resumed run to queue %r: %s", failed, exc)

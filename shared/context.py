@@ -11,7 +11,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
+from opentelemetry.trace import Tracer
 
+from . import tracing
 from .codec import decoder_for
 from .errors import (
     ConveyorError,
@@ -60,6 +62,7 @@ class RunContext:
         "spawn",
         "stop",
         "store",
+        "tracer",
         "worker",
     )
 
@@ -73,6 +76,7 @@ class RunContext:
         stop: Stop,
         spawn: Spawn | None = None,
         lineage: Lineage | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.info = info
         self.store = store
@@ -83,6 +87,7 @@ class RunContext:
         self.stop = stop
         self.spawn = spawn
         self.lineage = lineage  # set when this run is a child run
+        self.tracer = tracer  # None: steps and waits make no spans
         self.gone: RunLost | None = None  # then no further step runs, even if that was caught
         self.replayed: list[str] = []
         self._counters: dict[str, int] = {}
@@ -120,14 +125,26 @@ class RunContext:
         saved = self.checkpoints.get(key)
         if saved is not None:
             self.replayed.append(key)
+            if self.tracer is not None:
+                tracing.replayed(self.tracer, _step_span(key), {"conveyor.step.key": key})
             return decoder_for(result_type).decode(saved)
+        span = None
+        if self.tracer is not None:
+            span = tracing.InternalSpan(self.tracer, _step_span(key), {"conveyor.step.key": key})
         self._busy += 1
         try:
             result = await self._call(key, retry, functools.partial(fn, *args, **kwargs))
-            return await self._save(key, result_type, result)
+            result = await self._save(key, result_type, result)
+        except Exception as exc:
+            if span is not None:
+                span.fail(exc)
+            raise
         finally:
             self._busy -= 1
             self._suspend_when_idle()
+            if span is not None:
+                span.end()
+        return result
 
     async def _call(self, key: str, retry: Retry | None, fn: Callable[[], Any]) -> Any:
         """The step's function, retried in process by `retry`."""
@@ -176,9 +193,31 @@ class RunContext:
         if self.gone is not None:
             raise self.gone
         known = [self.checkpoints.get(r.key) for r in requests]
+        name = f"wait {requests[0].kind}"
+        attributes: dict[str, Any] = {"conveyor.step.key": requests[0].key}
+        if len(requests) > 1:
+            attributes["conveyor.wait.count"] = len(requests)
         if all(k is not None for k in known):
             self.replayed += [r.key for r in requests]
+            if self.tracer is not None:
+                tracing.replayed(self.tracer, name, attributes)
             return [k for k in known if k is not None]
+        if self.tracer is None:
+            return await self._wait(requests, start)
+        # Ends when the wait is over or the attempt suspends (cancelled while it waits).
+        span = tracing.InternalSpan(self.tracer, name, attributes)
+        try:
+            return await self._wait(requests, start)
+        except asyncio.CancelledError:
+            span.span.set_attribute("conveyor.wait.suspended", True)
+            raise
+        except Exception as exc:
+            span.fail(exc)
+            raise
+        finally:
+            span.end()
+
+    async def _wait(self, requests: list[WaitRequest], start: Start | None) -> list[bytes]:
         self._busy += 1
         try:
             states = await self.store.wait(self.info.id, self.worker, self.info.attempt, requests)
@@ -223,6 +262,11 @@ class RunContext:
         else:
             self._checking = False
             self.stop("suspend")
+
+
+def _step_span(key: str) -> str:
+    """A step span's name: the step's name, without the call index (names stay few)."""
+    return f"step {key.rpartition('#')[0] or key}"
 
 
 _current: ContextVar[RunContext | None] = ContextVar("conveyor_run", default=None)

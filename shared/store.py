@@ -14,6 +14,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from . import tracing
 from .availability import Gate
 from .errors import RunLost
 from .keys import Keys
@@ -59,6 +60,9 @@ class NewRun(msgspec.Struct, frozen=True, gc=False):
     # counted from `ttl_from_ms` (epoch ms) instead when set (a wire message's not_before).
     ttl_ms: int = 0
     ttl_from_ms: int = 0
+    # The trigger's trace context (shared/tracing.py pack), kept for the messages rebuilt
+    # from the run.
+    trace: str = ""
 
 
 class Created(msgspec.Struct, frozen=True, gc=False):
@@ -140,6 +144,8 @@ class Woken(msgspec.Struct, frozen=True, gc=False):
     tags: list[str]
     scheduled_at: int | None = None
     concurrency_key: str | None = None
+    trace: bytes = b""  # the trigger's trace context
+    last_attempt: bytes = b""  # the traceparent of the attempt that suspended
 
 
 class Finish(msgspec.Struct, frozen=True):
@@ -176,6 +182,7 @@ class Republish(msgspec.Struct, frozen=True):
 
     queue: str
     message: RunMessage
+    headers: dict[str, str] | None = None  # the trigger's trace context
 
 
 class StatusView(msgspec.Struct, frozen=True):
@@ -260,8 +267,8 @@ class RunStore:
     ) -> None:
         runs = [run for wanted, _ in batch for run in wanted]
         # One create.lua call per task, queue, tags, delay, parent, cron tick, concurrency
-        # key and ttl.
-        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str, int, int]
+        # key, ttl and trace.
+        Group = tuple[str, str, tuple[str, ...], int, str | None, int, str, int, int, str]
         groups: dict[Group, list[int]] = {}
         for i, run in enumerate(runs):
             tags = tuple(run.tags)
@@ -275,6 +282,7 @@ class RunStore:
                 run.concurrency_key,
                 run.ttl_ms,
                 run.ttl_from_ms,
+                run.trace,
             )
             groups.setdefault(group, []).append(i)
         chunks = [
@@ -312,8 +320,8 @@ class RunStore:
                 future.set_result(cast(list[Created], mine))
 
     async def _create_chunk(self, runs: Sequence[NewRun]) -> Any:
-        """One create.lua call for runs of the same task, queue, tags, delay, parent, tick
-        and ttl."""
+        """One create.lua call for runs of the same task, queue, tags, delay, parent, tick,
+        ttl and trace."""
         first = runs[0]
         keys = [self.keys.runs_index, self.keys.due]
         args: list[Arg] = [
@@ -328,6 +336,7 @@ class RunStore:
             first.concurrency_key,
             first.ttl_ms,
             first.ttl_from_ms,
+            first.trace,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -512,10 +521,14 @@ class RunStore:
             for i in range(1, len(reply), 2)
         ]
 
-    async def suspend(self, run_id: str, worker: str, attempt: int) -> Suspended:
-        """End this attempt as WAITING for its waitpoints (suspend.lua)."""
+    async def suspend(
+        self, run_id: str, worker: str, attempt: int, traceparent: str = ""
+    ) -> Suspended:
+        """End this attempt as WAITING for its waitpoints (suspend.lua); `traceparent`:
+        the attempt's span, for the attempt that resumes the run to link to."""
         keys = [self.keys.run(run_id), self.keys.waits(run_id)]
-        reply = await self._hot("suspend", self.scripts.command("suspend", keys, [worker, attempt]))
+        args: list[Arg] = [worker, attempt, traceparent]
+        reply = await self._hot("suspend", self.scripts.command("suspend", keys, args))
         kind = reply[0].decode()
         if kind == "waiting":
             return Suspended("waiting", int(reply[1]), int(reply[2]))
@@ -532,7 +545,7 @@ class RunStore:
         )
         if reply[0] != b"wake":
             return None
-        task, queue, payload, tags, scheduled, ckey = reply[1:7]
+        task, queue, payload, tags, scheduled, ckey, trace, last_attempt = reply[1:9]
         return Woken(
             task.decode(),
             queue.decode(),
@@ -540,6 +553,8 @@ class RunStore:
             _tags_decoder.decode(tags),
             int(scheduled) if scheduled else None,
             ckey.decode() or None,
+            trace,
+            last_attempt,
         )
 
     async def create_token(self, token_id: str, run_id: str, timeout_ms: int) -> int:
@@ -673,11 +688,12 @@ class RunStore:
                         "not_before",
                         "scheduled_at",
                         "ckey",
+                        "trace",
                     ],
                 )
             replies: list[Any] = await pipe.execute()
         out: list[Republish | None] = []
-        for run_id, (task, queue, payload, tags, idem, nb, sched, ckey) in zip(
+        for run_id, (task, queue, payload, tags, idem, nb, sched, ckey, trace) in zip(
             run_ids, replies, strict=True
         ):
             if task is None or queue is None:
@@ -693,7 +709,7 @@ class RunStore:
                 scheduled_at=int(sched) if sched else None,
                 concurrency_key=ckey.decode() if ckey else None,
             )
-            out.append(Republish(queue.decode(), message))
+            out.append(Republish(queue.decode(), message, tracing.unpack(trace)))
         return out
 
     async def get(self, run_id: str) -> Run | None:

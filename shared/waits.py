@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from . import tracing
 from .errors import TokenNotFound
 from .models import RunMessage, RunStatus
 from .store import RunStore, Woken
@@ -61,18 +62,20 @@ def woken_message(run_id: str, woken: Woken) -> RunMessage:
 
 async def notify_parent(
     store: RunStore,
-    publish: Callable[[str, RunMessage], Awaitable[None]],
+    publish: Callable[[str, RunMessage, tracing.Carrier | None], Awaitable[None]],
     parent: str,
     parent_step: str,
     child_id: str,
     result: bytes,
 ) -> None:
     """Hand a child's end to the parent's waiting step, and resume the parent if that was
-    the last thing it waited for. Idempotent: called again (a redelivered child message,
-    the reaper) it changes nothing and wakes nobody twice."""
+    the last thing it waited for (its message carries the parent's trace context).
+    Idempotent: called again (a redelivered child message, the reaper) it changes nothing
+    and wakes nobody twice."""
     woken = await store.resolve(parent, parent_step, child_id, result)
     if woken is not None:
-        await publish(woken.queue, woken_message(parent, woken))
+        headers = tracing.woken_headers(woken.trace, woken.last_attempt)
+        await publish(woken.queue, woken_message(parent, woken), headers)
 
 
 async def token_outcome(store: RunStore, token_id: str, run_id: str, key: str) -> bytes | None:

@@ -127,6 +127,19 @@ def test_worker_environment_is_valid_settings(compose: dict[str, Any]) -> None:
     assert "@rabbitmq:" in settings.amqp_url and "//redis:" in settings.redis_url
 
 
+def test_worker_and_schedulers_export_traces_to_jaeger(compose: dict[str, Any]) -> None:
+    all_services = services(compose)
+    jaeger = all_services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert {str(p).rsplit(":", 1)[-1] for p in jaeger["ports"]} >= {"16686", "4318"}
+    for name, service in all_services.items():
+        if as_argv(service.get("command", []))[1:2] in (["worker"], ["scheduler"]):
+            env = service["environment"]
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318", name
+    assert "'.[otel]'" in DOCKERFILE.read_text()
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_accepts_the_file() -> None:
     done = subprocess.run(

@@ -26,6 +26,7 @@ import msgspec
 
 from conveyor._task import Task
 from conveyor.broker.publisher import Outgoing
+from conveyor.shared import tracing
 from conveyor.shared.limiter import Limiter, Wake
 from conveyor.shared.limits import Concurrency, RateLimit
 from conveyor.shared.models import RunMessage
@@ -37,6 +38,9 @@ _encoder = msgspec.json.Encoder()
 
 # admit(): the run was parked (its message is to be acked); any other int defers by ms.
 PARKED = 0
+# A parked run's message as its slot keeps it, when it has trace context to keep: this,
+# the packed context, a newline, the body (whose JSON has no raw newline before its end).
+_TRACED = b"trace "
 
 
 class Limits:
@@ -54,10 +58,16 @@ class Limits:
         # only the last to end gives it back.
         self._holding: dict[str, int] = {}
 
-    async def admit(self, task: Task[Any, Any], msg: RunMessage, queue: str) -> int | None:
+    async def admit(
+        self,
+        task: Task[Any, Any],
+        msg: RunMessage,
+        queue: str,
+        trace: tracing.Carrier | None = None,
+    ) -> int | None:
         """None: claim the run now (holding its slot, if it has a concurrency limit).
-        PARKED: parked for a slot; otherwise defer the message by that many ms (msg now
-        carries what it reserved)."""
+        PARKED: parked for a slot (with the message's `trace` context, for its wake);
+        otherwise defer the message by that many ms (msg now carries what it reserved)."""
         run_id = msg.id
         assert run_id is not None
         rate = task.rate_limit
@@ -76,13 +86,11 @@ class Limits:
                 return max(1, answer.at_ms - answer.now_ms)
         limit = task.concurrency
         if limit is not None:
+            message = _encoder.encode(msg)
+            if trace:
+                message = b"%s%s\n%s" % (_TRACED, tracing.pack(trace).encode(), message)
             slot = await self.limiter.take_slot(
-                limit,
-                run_id,
-                self.worker_id,
-                msg.concurrency_key or "",
-                queue,
-                _encoder.encode(msg),
+                limit, run_id, self.worker_id, msg.concurrency_key or "", queue, message
             )
             if slot.kind == "parked":
                 reason = f"{_describe(limit, task.id)}: {slot.running} of {limit.limit} running"
@@ -123,9 +131,17 @@ class Limits:
             await self._wake(await self.limiter.sweep(limit, self.worker_id))
 
     async def _wake(self, wakes: Iterable[Wake]) -> None:
-        outgoing = [Outgoing(w.queue, w.message, message_id=w.run_id) for w in wakes]
+        outgoing = [_woken(w) for w in wakes]
         if outgoing:
             await self._publish(outgoing)
+
+
+def _woken(wake: Wake) -> Outgoing:
+    body, headers = wake.message, None
+    if body.startswith(_TRACED):
+        packed, _, body = body[len(_TRACED) :].partition(b"\n")
+        headers = tracing.unpack(packed)
+    return Outgoing(wake.queue, body, message_id=wake.run_id, headers=headers)
 
 
 def _describe(limit: RateLimit | Concurrency, task_id: str) -> str:

@@ -34,6 +34,7 @@ from aiormq.abc import DeliveredMessage
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared import tracing
 from conveyor.shared.availability import (
     Backoff,
     Gate,
@@ -345,7 +346,13 @@ class Worker:
         except TimeoutError:
             delay_ms = int(self.settings.lease_ttl * 1000)
             await self._publish(
-                Outgoing(queue, message.body, message_id=message.message_id, delay_ms=delay_ms)
+                Outgoing(
+                    queue,
+                    message.body,
+                    message_id=message.message_id,
+                    delay_ms=delay_ms,
+                    headers=tracing.forward(message.headers),
+                )
             )
             message.ack()
             return False
@@ -371,7 +378,14 @@ class Worker:
             # Give the run an id its redeliveries keep: otherwise a redelivery after a crash
             # would start a second run and leave the first one EXECUTING for ever.
             msg.id = new_run_id()
-            await self._publish(Outgoing(queue, _encoder.encode(msg), message_id=msg.id))
+            await self._publish(
+                Outgoing(
+                    queue,
+                    _encoder.encode(msg),
+                    message_id=msg.id,
+                    headers=tracing.forward(message.headers),
+                )
+            )
             message.ack()
             return
         if msg.not_before is not None:
@@ -382,7 +396,7 @@ class Worker:
         if task.rate_limit is None and task.concurrency is None:
             await self._claim_and_run(message, msg, task, queue, payload)
             return
-        wait = await self.limits.admit(task, msg, queue)
+        wait = await self.limits.admit(task, msg, queue, tracing.forward(message.headers))
         if wait == PARKED:
             message.ack()
         elif wait is not None:
@@ -420,6 +434,7 @@ class Worker:
                 ttl_ms=msg.ttl or 0,
                 # Time spent queued after the message could run counts too.
                 ttl_from_ms=msg.not_before or 0,
+                trace=tracing.pack(tracing.forward(message.headers)),
             )
             [created] = await self.redis_gate.call(lambda: self._create(new))
             if created.run_id != msg.id:
@@ -474,14 +489,40 @@ class Worker:
             )
         )
 
-    async def _publish_message(self, queue: str, msg: RunMessage, delay_ms: int = 0) -> None:
+    async def _publish_message(
+        self, queue: str, msg: RunMessage, headers: tracing.Carrier | None, delay_ms: int = 0
+    ) -> None:
         await self._publish(
-            Outgoing(queue, _encoder.encode(msg), message_id=msg.id, delay_ms=delay_ms)
+            Outgoing(
+                queue, _encoder.encode(msg), message_id=msg.id, delay_ms=delay_ms, headers=headers
+            )
         )
 
     async def _spawn(self, children: list[NewRun]) -> None:
         """Create and publish the child runs a waiting step starts (those created by an
         earlier try are there already: a crash before their publish is the reaper's)."""
+        tracer = tracing.tracer()
+        if tracer is None:
+            await self._start_children(children, tracing.current_carrier())
+            return
+        # Under the span of the step or wait that starts them (current in this task).
+        span = tracing.start_publish(
+            tracer, children[0].queue, children[0].task_id, [c.run_id for c in children]
+        )
+        try:
+            await self._start_children(children, tracing.carrier_of(span))
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.end()
+
+    async def _start_children(
+        self, children: list[NewRun], carrier: tracing.Carrier | None
+    ) -> None:
+        if carrier:
+            trace = tracing.pack(carrier)
+            children = [msgspec.structs.replace(c, trace=trace) for c in children]
         created = await self.redis_gate.call(lambda: self.store.create(children))
         outgoing = [
             Outgoing(
@@ -498,6 +539,7 @@ class Worker:
                 ),
                 message_id=child.run_id,
                 delay_ms=child.delay_ms,
+                headers=carrier,
             )
             for child, made in zip(children, created, strict=True)
             if made.new
@@ -529,6 +571,12 @@ class Worker:
         run_id = msg.id
         assert run_id is not None
         execution = Execution(run_id, attempt, task.id, queue, message, claimed_at)
+        tracer = tracing.tracer()
+        span = (
+            None
+            if tracer is None
+            else tracing.AttemptSpan(tracer, message.headers, run_id, task.id, queue, attempt)
+        )
         ctx = RunContext(
             RunInfo(
                 run_id,
@@ -542,17 +590,22 @@ class Worker:
             stop=execution.stop,
             spawn=self._spawn,
             lineage=lineage,
+            tracer=tracer,
         )
         key = (run_id, attempt)
         self.inflight[key] = execution
         try:
             outcome = await run_attempt(task, payload, ctx, failures, execution)
+            if span is not None:
+                span.ended(outcome.attempt_status, outcome.error, outcome.traceback)
             if execution.stop_reason == "lost":
                 # Taken over (this attempt stalled past its lease) or ended: whatever this
                 # attempt found is not the run's any more, so it writes nothing.
                 log.warning("run %s: attempt %d lost the run; its outcome is dropped", *key)
             elif outcome.run_status is RunStatus.WAITING:
-                await self._suspend(msg, queue, attempt)
+                traceparent = "" if span is None else span.traceparent()
+                headers = _next_headers(message, span)
+                await self._suspend(msg, queue, attempt, headers, traceparent)
             else:
                 if outcome.attempt_status == "THROTTLED":
                     await self.limits.pause(task, outcome.retry_delay_ms / 1000)
@@ -584,9 +637,12 @@ class Worker:
                             _encoder.encode(msg),
                             message_id=run_id,
                             delay_ms=outcome.retry_delay_ms,
+                            headers=_next_headers(message, span),
                         )
                     )
         finally:
+            if span is not None:
+                span.end()
             execution.done = True
             self.inflight.pop(key, None)
             self.admission.finished(run_id)
@@ -597,19 +653,26 @@ class Worker:
         else:
             message.ack()
 
-    async def _suspend(self, msg: RunMessage, queue: str, attempt: int) -> None:
+    async def _suspend(
+        self,
+        msg: RunMessage,
+        queue: str,
+        attempt: int,
+        headers: tracing.Carrier | None,
+        traceparent: str,
+    ) -> None:
         """End an attempt that only waits: WAITING, woken by what it waits for (a child's
         end, through notify_parent) or by a message at its earliest timer; or, when all of
         it is over already, run again at once."""
         assert msg.id is not None
         run_id = msg.id
-        suspended = await self.store.suspend(run_id, self.id, attempt)
+        suspended = await self.store.suspend(run_id, self.id, attempt, traceparent)
         msg.not_before = None
         if suspended.kind == "resume":
-            await self._publish_message(queue, msg)
+            await self._publish_message(queue, msg, headers)
         elif suspended.kind == "waiting" and suspended.timer_ms:
             delay_ms = max(1, suspended.timer_ms - suspended.now_ms)
-            await self._publish_message(queue, msg, delay_ms)
+            await self._publish_message(queue, msg, headers, delay_ms)
 
     async def _publish(self, outgoing: Outgoing) -> None:
         """Publish one message, waiting at the broker gate while RabbitMQ is unavailable."""
@@ -622,7 +685,13 @@ class Worker:
         """Send the message round the delay ladder and ack this copy: nothing waits here."""
         run_id = msg.id
         await self._publish(
-            Outgoing(queue, _encoder.encode(msg), message_id=run_id, delay_ms=max(delay_ms, 1))
+            Outgoing(
+                queue,
+                _encoder.encode(msg),
+                message_id=run_id,
+                delay_ms=max(delay_ms, 1),
+                headers=tracing.forward(message.headers),
+            )
         )
         message.ack()
 
@@ -640,6 +709,7 @@ class Worker:
                 _encoder.encode(msg),
                 message_id=execution.run_id,
                 delay_ms=delay_ms,
+                headers=tracing.forward(message.headers),
             )
         )
         execution.handed_over = True
@@ -682,6 +752,12 @@ async def _wait_set(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def _next_headers(message: Delivery, span: tracing.AttemptSpan | None) -> tracing.Carrier | None:
+    """The headers of a retry or resume: the trigger's trace context (and, when this
+    attempt was traced, a link to it)."""
+    return tracing.forward(message.headers) if span is None else span.next_headers()
 
 
 def _requeue_pause(headers: Mapping[str, Any]) -> float:

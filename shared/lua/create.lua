@@ -5,6 +5,7 @@
 --       concurrency key ('' for none),
 --       ttl_ms (0: none; the run ends EXPIRED if not started ttl_ms after its delay),
 --       ttl_from (epoch ms the ttl counts from instead, 0: none; a wire message's not_before),
+--       trace context ('' for none),
 --       then per run: run_id, payload, idem_key, parent step
 -- Returns per run: 1 and its id (created), 2 and its id (it was there already), or 0 and
 -- the id of the run its idempotency key belongs to.
@@ -19,12 +20,13 @@ local parent, root, scheduled, ckey = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local ttl = tonumber(ARGV[10])
 local expires = now + delay + ttl
 if ARGV[11] ~= '0' then expires = tonumber(ARGV[11]) + ttl end
+local trace = ARGV[12]
 local status = 'QUEUED'
 if delay > 0 then status = 'DELAYED' end
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
   local run_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local run_id, payload, idem = ARGV[4 * i + 8], ARGV[4 * i + 9], ARGV[4 * i + 10]
+  local run_id, payload, idem = ARGV[4 * i + 9], ARGV[4 * i + 10], ARGV[4 * i + 11]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', idem_key)
@@ -44,12 +46,13 @@ for i = 1, (#KEYS - 2) / 2 do
       if scheduled ~= '0' then redis.call('HSET', run_key, 'scheduled_at', scheduled) end
       if ckey ~= '' then redis.call('HSET', run_key, 'ckey', ckey) end
       if ttl > 0 then redis.call('HSET', run_key, 'expires_at', expires, 'ttl', ttl) end
+      if trace ~= '' then redis.call('HSET', run_key, 'trace', trace) end
       redis.call('HSET', run_key, 'task', task, 'queue', queue, 'status', status,
         'payload', payload, 'tags', tags, 'idem', idem, 'created_at', now,
         'attempt', 0, 'failures', 0, 'crashes', 0)
       if parent ~= '' then
         redis.call('HSET', run_key, 'parent', parent, 'root', root)
-        if ARGV[4 * i + 11] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 11]) end
+        if ARGV[4 * i + 12] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 12]) end
       end
       redis.call('ZADD', KEYS[1], now, run_id)
       redis.call('ZADD', KEYS[2], now + delay, run_id)

@@ -1,6 +1,7 @@
 -- End an attempt that waits for its waitpoints: the run becomes WAITING and holds no
 -- lease, or, when everything it waited for completed meanwhile, QUEUED to run again now.
--- KEYS: run, waits   ARGV: worker, attempt
+-- KEYS: run, waits   ARGV: worker, attempt, the attempt's traceparent ('' when not traced:
+--       kept for the link from the attempt that resumes the run)
 -- Returns {'waiting', earliest timer ms (0: none), now} | {'resume', now} | {'stale', status}
 -- Sent again after a lost reply, it answers as the first time ('done' names the attempt).
 local t = redis.call('TIME')
@@ -30,6 +31,7 @@ local status = 'WAITING'
 if redis.call('HLEN', KEYS[2]) == 0 then status = 'QUEUED' end
 redis.call('HSET', KEYS[1], 'a:' .. ARGV[2], cjson.encode(rec), 'status', status,
   'lease_until', 0, 'done', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'trace_last', ARGV[3]) end
 if status == 'QUEUED' then return {'resume', now} end
 -- The reaper wakes a WAITING run whose timer message was lost once not_before has passed.
 local timer = earliest()
