@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker for the tasks in the given modules")
     worker.add_argument("modules", nargs="+", metavar="MODULE", help="modules that define tasks")
     worker.add_argument("--concurrency", type=_positive_int, default=100, help="runs at once (100)")
+    worker.add_argument(
+        "--prefetch",
+        type=_positive_int,
+        default=None,
+        help="deliveries held per queue, at least the concurrency (twice the concurrency)",
+    )
     worker.add_argument("--queues", type=_csv, default=None, help="comma-separated queues (all)")
     worker.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -242,6 +248,7 @@ def _worker(args: argparse.Namespace) -> int:
     worker = Worker(
         registered_tasks(),
         concurrency=args.concurrency,
+        prefetch=args.prefetch,
         queues=args.queues,
         namespace=args.namespace,
     )

@@ -297,3 +297,14 @@ def test_a_payload_nested_too_deeply_is_invalid_arguments() -> None:
         nested = [nested]
     with pytest.raises(InvalidArguments, match="argument 'value'"):
         anything.encode_arguments((nested,), {})
+
+
+def test_a_prefetch_below_the_concurrency_is_refused(settings: Settings) -> None:
+    from conveyor import ConfigurationError
+    from conveyor.worker import Worker
+
+    with pytest.raises(
+        ConfigurationError, match=r"prefetch \(4\) must be at least the concurrency \(8\)"
+    ):
+        Worker(tasks.ALL, settings=settings, concurrency=8, prefetch=4)
+    assert Worker(tasks.ALL, settings=settings, concurrency=8).prefetch == 16

@@ -115,7 +115,9 @@ async def test_a_sigstopped_worker_replaced_mid_step_writes_nothing_when_resumed
     client: Client, settings: Settings, spawn_worker: Any, tmp_path: Path
 ) -> None:
     # One delivery at a time: the copy below goes to the other worker, not to this one.
-    stalled = WorkerProcess(settings, "--concurrency", "1", log=tmp_path / "stalled.log")
+    stalled = WorkerProcess(
+        settings, "--concurrency", "1", "--prefetch", "1", log=tmp_path / "stalled.log"
+    )
     try:
         await wait_for_consumers(settings, "three-steps", 1)
         handle = await tasks.three_steps.trigger(seconds=4.0)
