@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
+from conveyor.shared import metrics
 from conveyor.shared.cron import Spec, tick_run_id
 from conveyor.shared.errors import InvalidSchedule
 from conveyor.shared.models import RunMessage
@@ -134,6 +135,8 @@ class Ticker:
         if not ok:
             raise Refused(f"schedule moves refused: epoch {self.lease.epoch} lost the lease")
         self.fired += len(ticks)
+        for t in ticks:
+            metrics.ticks.add(1, metrics.task_attributes(t.record.task_id))
         return len(ticks) >= MAX_TICKS
 
     async def _start(self, ticks: Sequence[Tick]) -> None:

@@ -34,6 +34,7 @@ from aiormq.abc import DeliveredMessage
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared import logs, metrics
 from conveyor.shared.availability import (
     Backoff,
     Gate,
@@ -137,6 +138,8 @@ class Worker:
             self.store, self.id, self._stopping, max_wait=self.settings.handover_after
         )
         self.limits = Limits(self.store, self.id, self._publish_all)
+        logs.install()
+        self._logs_ttl_ms = (int(self.settings.run_ttl) + logs.TTL_MARGIN_S) * 1000
         self._connection: AbstractRobustConnection | None = None
         # The publisher's own connection: RabbitMQ blocks a connection that publishes
         # during a resource alarm, and a blocked socket would hold up acks and deliveries.
@@ -438,6 +441,7 @@ class Worker:
         elif claim.kind in ("busy", "early"):
             await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)
         elif claim.kind == "crashed":
+            metrics.outcome_written(task.id, RunStatus.CRASHED, "CRASHED")
             await self._dead_letter(message, queue, claim.detail, run_id=msg.id)
         else:
             await self._execute(
@@ -545,8 +549,26 @@ class Worker:
         )
         key = (run_id, attempt)
         self.inflight[key] = execution
+        metrics.attempt_started(task.id, run_id, attempt, msg.not_before, msg.scheduled_at)
+        known = len(checkpoints)
         try:
-            outcome = await run_attempt(task, payload, ctx, failures, execution)
+            # The attempt's records are sent at its end with its outcome, in one write.
+            with logs.AttemptLog(
+                self.store.pipe,
+                self.store.keys.logs(run_id),
+                run_id,
+                attempt,
+                task.id,
+                self._logs_ttl_ms,
+            ):
+                outcome = await run_attempt(task, payload, ctx, failures, execution)
+            metrics.attempt_ran(
+                task.id,
+                outcome.attempt_status,
+                time.monotonic() - execution.started,
+                len(checkpoints) - known,
+                len(ctx.replayed),
+            )
             if execution.stop_reason == "lost":
                 # Taken over (this attempt stalled past its lease) or ended: whatever this
                 # attempt found is not the run's any more, so it writes nothing.
@@ -567,6 +589,8 @@ class Worker:
                     traceback=outcome.traceback,
                     retry_delay_ms=outcome.retry_delay_ms,
                 )
+                if result.kind == "ok":
+                    metrics.outcome_written(task.id, outcome.run_status, outcome.attempt_status)
                 if (
                     result.kind == "ok"
                     and outcome.run_status.is_terminal
@@ -587,6 +611,7 @@ class Worker:
                         )
                     )
         finally:
+            metrics.attempt_left(task.id)
             execution.done = True
             self.inflight.pop(key, None)
             self.admission.finished(run_id)
