@@ -6,7 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from conveyor import NonRetryableError, Retry, current_run, step, task
+from conveyor import (
+    Concurrency,
+    NonRetryableError,
+    RateLimit,
+    Retry,
+    current_run,
+    step,
+    task,
+)
 
 log = logging.getLogger("tests.chatty")
 other = logging.getLogger("tests.other")
@@ -65,4 +73,14 @@ async def metered_fail() -> None:
     raise NonRetryableError("never works")
 
 
-ALL = [chatty, flood, log_and_hang, metered_ok, metered_fail]
+@task(id="metered-rate", rate_limit=RateLimit(20, per=1.0, burst=1), retry=Retry(max_attempts=1))
+async def metered_rate() -> None:
+    return None
+
+
+@task(id="metered-slot", concurrency_limit=Concurrency(1), retry=Retry(max_attempts=1))
+async def metered_slot() -> None:
+    await asyncio.sleep(0.2)
+
+
+ALL = [chatty, flood, log_and_hang, metered_ok, metered_fail, metered_rate, metered_slot]
