@@ -32,6 +32,7 @@ import msgspec
 from opentelemetry import trace
 
 from .pipe import RedisPipe, pack
+from .store import RunStore
 
 MAX_RECORDS = 1000
 MAX_BYTES = 256 * 1024
@@ -82,6 +83,20 @@ _formatter = logging.Formatter()
 _outside = contextvars.Context()
 
 
+class RunLogs:
+    """A worker's: makes the AttemptLog of each attempt it runs."""
+
+    def __init__(self, store: RunStore) -> None:
+        install()
+        self.pipe = store.pipe
+        self.keys = store.keys
+        self.ttl_ms = (int(store.settings.run_ttl) + TTL_MARGIN_S) * 1000
+
+    def attempt(self, run_id: str, attempt: int, task_id: str) -> AttemptLog:
+        """Use with `with` around the attempt: records are captured inside it."""
+        return AttemptLog(self.pipe, self.keys.logs(run_id), run_id, attempt, task_id, self.ttl_ms)
+
+
 class AttemptLog:
     """The records of one attempt, kept in memory and written in batches."""
 
@@ -97,6 +112,7 @@ class AttemptLog:
         "_thread",
         "_timer",
         "_token",
+        "_unsaved",
         "attempt",
         "key",
         "run_id",
@@ -124,6 +140,7 @@ class AttemptLog:
         # Records may come from threads the task started (asyncio.to_thread copies the context).
         self._lock = threading.Lock()
         self._token: contextvars.Token[AttemptLog | None] | None = None
+        self._unsaved = 0
 
     def __enter__(self) -> AttemptLog:
         self._token = _current.set(self)
@@ -223,13 +240,16 @@ class AttemptLog:
         if error is None and isinstance(future.result(), Exception):
             error = future.result()  # an error reply
         if error is not None:
-            log.warning(
-                "run %s: %d log records of attempt %d were not saved: %r",
-                self.run_id,
-                records,
-                self.attempt,
-                error,
-            )
+            # Said once per attempt: Redis away, every batch of every attempt would say it.
+            self._unsaved += records
+            if self._unsaved == records:
+                log.warning(
+                    "run %s: log records of attempt %d are not saved (%d so far): %r",
+                    self.run_id,
+                    self.attempt,
+                    records,
+                    error,
+                )
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

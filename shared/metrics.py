@@ -6,7 +6,7 @@ proxies, which only look for a real instrument: a run costs a few such calls, we
 a microsecond each. Attributes are dicts made once per task (and outcome), not per call.
 
 Every instrument has the attribute `conveyor.task.id` but the reaper's. The meaning of
-each is in its description; docs/architecture.md ("Metrics") lists them.
+each is in its description; the README ("Logs and metrics") lists them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from conveyor import (
     step,
     task,
 )
+from conveyor.shared.context import current_context
 
 log = logging.getLogger("tests.chatty")
 other = logging.getLogger("tests.other")
@@ -83,4 +84,14 @@ async def metered_slot() -> None:
     await asyncio.sleep(0.2)
 
 
-ALL = [chatty, flood, log_and_hang, metered_ok, metered_fail, metered_rate, metered_slot]
+@task(id="unlogged", retry=Retry(max_attempts=1))
+async def unlogged() -> str:
+    """Its logs key is not a list: the records cannot be saved, the run ends all the same."""
+    ctx = current_context()
+    assert ctx is not None
+    await ctx.store.redis.set(ctx.store.keys.logs(ctx.info.id), "not a list")
+    log.info("this record cannot be saved")
+    return "done"
+
+
+ALL = [unlogged, chatty, flood, log_and_hang, metered_ok, metered_fail, metered_rate, metered_slot]

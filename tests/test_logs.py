@@ -155,6 +155,20 @@ async def test_records_flushed_before_a_sigkill_are_kept(
     ]
 
 
+async def test_a_failed_write_loses_records_not_the_run(
+    client: Client, log_worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = await log_tasks.unlogged.trigger()
+    assert await handle.result(timeout=20) == "done"
+    await eventually(
+        lambda: _said(caplog, f"run {handle.id}: log records of attempt 1 are not saved")
+    )
+
+
+async def _said(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)
+
+
 async def test_the_logs_expire_with_the_run(
     settings: Settings, client: Client, log_worker: Worker
 ) -> None:

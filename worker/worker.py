@@ -138,8 +138,7 @@ class Worker:
             self.store, self.id, self._stopping, max_wait=self.settings.handover_after
         )
         self.limits = Limits(self.store, self.id, self._publish_all)
-        logs.install()
-        self._logs_ttl_ms = (int(self.settings.run_ttl) + logs.TTL_MARGIN_S) * 1000
+        self.run_logs = logs.RunLogs(self.store)
         self._connection: AbstractRobustConnection | None = None
         # The publisher's own connection: RabbitMQ blocks a connection that publishes
         # during a resource alarm, and a blocked socket would hold up acks and deliveries.
@@ -552,15 +551,8 @@ class Worker:
         metrics.attempt_started(task.id, run_id, attempt, msg.not_before, msg.scheduled_at)
         known = len(checkpoints)
         try:
-            # The attempt's records are sent at its end with its outcome, in one write.
-            with logs.AttemptLog(
-                self.store.pipe,
-                self.store.keys.logs(run_id),
-                run_id,
-                attempt,
-                task.id,
-                self._logs_ttl_ms,
-            ):
+            # The attempt's last records are sent with its outcome, in one write.
+            with self.run_logs.attempt(run_id, attempt, task.id):
                 outcome = await run_attempt(task, payload, ctx, failures, execution)
             metrics.attempt_ran(
                 task.id,
