@@ -136,7 +136,7 @@ class Ticker:
             raise Refused(f"schedule moves refused: epoch {self.lease.epoch} lost the lease")
         self.fired += len(ticks)
         for t in ticks:
-            metrics.ticks.add(1, metrics.task_attributes(t.record.task_id))
+            metrics.ticks.add(1, metrics.of(t.record.task_id).attributes)
         return len(ticks) >= MAX_TICKS
 
     async def _start(self, ticks: Sequence[Tick]) -> None:

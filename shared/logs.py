@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 from opentelemetry import trace
 
-from .pipe import RedisPipe, pack
+from .pipe import pack
 from .store import RunStore
 
 MAX_RECORDS = 1000
@@ -81,6 +81,9 @@ _formatter = logging.Formatter()
 # Flushes and their callbacks run outside any attempt's context: what they log is not
 # captured into the attempt they write for.
 _outside = contextvars.Context()
+# Records may come from threads a task started (asyncio.to_thread copies the context). One
+# lock for all attempts: held for a few list operations, and none is made per attempt.
+_lock = threading.Lock()
 
 
 class RunLogs:
@@ -94,7 +97,7 @@ class RunLogs:
 
     def attempt(self, run_id: str, attempt: int, task_id: str) -> AttemptLog:
         """Use with `with` around the attempt: records are captured inside it."""
-        return AttemptLog(self.pipe, self.keys.logs(run_id), run_id, attempt, task_id, self.ttl_ms)
+        return AttemptLog(self, run_id, attempt, task_id)
 
 
 class AttemptLog:
@@ -105,30 +108,24 @@ class AttemptLog:
         "_closed",
         "_dropped",
         "_kept",
-        "_lock",
         "_loop",
+        "_owner",
         "_pending",
-        "_pipe",
         "_thread",
         "_timer",
         "_token",
         "_unsaved",
         "attempt",
-        "key",
         "run_id",
         "task_id",
-        "ttl_ms",
     )
 
-    def __init__(
-        self, pipe: RedisPipe, key: str, run_id: str, attempt: int, task_id: str, ttl_ms: int
-    ) -> None:
-        self._pipe = pipe
-        self.key = key
+    def __init__(self, owner: RunLogs, run_id: str, attempt: int, task_id: str) -> None:
+        # Made for every attempt, logging or not: nothing here costs more than a store.
+        self._owner = owner
         self.run_id = run_id
         self.attempt = attempt
         self.task_id = task_id
-        self.ttl_ms = ttl_ms
         self._pending: list[bytes] = []
         self._kept = 0
         self._bytes = 0
@@ -137,8 +134,6 @@ class AttemptLog:
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        # Records may come from threads the task started (asyncio.to_thread copies the context).
-        self._lock = threading.Lock()
         self._token: contextvars.Token[AttemptLog | None] | None = None
         self._unsaved = 0
 
@@ -162,6 +157,11 @@ class AttemptLog:
             trace_id, span_id = f"{span.trace_id:032x}", f"{span.span_id:016x}"
             record.conveyor_trace_id = trace_id
             record.conveyor_span_id = span_id
+        if self._kept >= MAX_RECORDS:  # full: not worth formatting (the count is locked below)
+            with _lock:
+                if not self._closed:
+                    self._dropped += 1
+            return
         entry = _encoder.encode(
             Stored(
                 self.attempt,
@@ -173,7 +173,7 @@ class AttemptLog:
                 span_id,
             )
         )
-        with self._lock:
+        with _lock:
             if self._closed:
                 return
             if self._kept >= MAX_RECORDS or self._bytes + len(entry) > MAX_BYTES:
@@ -197,20 +197,22 @@ class AttemptLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if not batch:
+        if not self._pending:
             return
+        with _lock:
+            batch, self._pending = self._pending, []
+        owner = self._owner
+        key = owner.keys.logs(self.run_id)
         sent = [
-            self._pipe.send(pack(("RPUSH", self.key, *batch))),
-            self._pipe.send(pack(("PEXPIRE", self.key, self.ttl_ms))),
+            owner.pipe.send(pack(("RPUSH", key, *batch))),
+            owner.pipe.send(pack(("PEXPIRE", key, owner.ttl_ms))),
         ]
         sent[0].add_done_callback(lambda f: self._written(f, len(batch)), context=_outside)
         sent[1].add_done_callback(_retrieve, context=_outside)
 
     def close(self) -> None:
         """End of the attempt: send the rest, with a note of what was not kept."""
-        with self._lock:
+        with _lock:
             if self._closed:
                 return
             self._closed = True

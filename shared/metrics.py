@@ -90,68 +90,68 @@ republished = _meter.create_counter(
     description="Stranded runs the reaper published again",
 )
 
-_by_task: dict[str, dict[str, str]] = {}
-_by_outcome: dict[tuple[str, str, str], dict[str, str]] = {}
+
+class TaskMeter:
+    """The instruments' calls for one task, with its attribute dicts made once."""
+
+    __slots__ = ("_variants", "attributes")
+
+    def __init__(self, task_id: str) -> None:
+        self.attributes = {TASK: task_id}
+        self._variants: dict[tuple[str, str], dict[str, str]] = {}
+
+    def _with(self, name: str, value: str) -> dict[str, str]:
+        """The task's attributes plus one, e.g. how an attempt ended."""
+        attributes = self._variants.get((name, value))
+        if attributes is None:
+            attributes = self._variants[name, value] = {**self.attributes, name: value}
+        return attributes
+
+    def started(
+        self, run_id: str, attempt: int, not_before: int | None, scheduled_at: int | None
+    ) -> None:
+        """An attempt starts; its queue wait is what the message says (see waited())."""
+        started.add(1, self.attributes)
+        inflight.add(1, self.attributes)
+        wait = waited(run_id, attempt, not_before, scheduled_at, time.time())
+        if wait is not None:
+            queue_wait.record(wait, self.attributes)
+
+    def ran(self, attempt_status: str, seconds: float, executed: int, replayed: int) -> None:
+        """The task function returned (or raised): how long it ran, and its steps."""
+        duration.record(seconds, self._with(ATTEMPT_STATUS, attempt_status))
+        if executed:
+            steps_executed.add(executed, self.attributes)
+        if replayed:
+            steps_replayed.add(replayed, self.attributes)
+
+    def left(self) -> None:
+        inflight.add(-1, self.attributes)
+
+    def written(self, run_status: RunStatus, attempt_status: str) -> None:
+        """The attempt's outcome is in Redis: count how the run goes on."""
+        if run_status is RunStatus.COMPLETED:
+            completed.add(1, self.attributes)
+        elif run_status is RunStatus.RETRYING:
+            if attempt_status == "THROTTLED":
+                self.throttled("downstream")
+            else:
+                retried.add(1, self.attributes)
+        elif run_status in (RunStatus.FAILED, RunStatus.TIMED_OUT, RunStatus.CRASHED):
+            failed.add(1, self._with(RUN_STATUS, run_status.value))
+
+    def throttled(self, reason: str) -> None:
+        throttled.add(1, self._with(THROTTLE_REASON, reason))
 
 
-def task_attributes(task_id: str) -> dict[str, str]:
-    attributes = _by_task.get(task_id)
-    if attributes is None:
-        attributes = _by_task[task_id] = {TASK: task_id}
-    return attributes
+_meters: dict[str, TaskMeter] = {}
 
 
-def _outcome(task_id: str, name: str, value: str) -> dict[str, str]:
-    key = (task_id, name, value)
-    attributes = _by_outcome.get(key)
-    if attributes is None:
-        attributes = _by_outcome[key] = {TASK: task_id, name: value}
-    return attributes
-
-
-def attempt_started(
-    task_id: str, run_id: str, attempt: int, not_before: int | None, scheduled_at: int | None
-) -> None:
-    """An attempt starts; its queue wait is measured from what the message says (see
-    waited())."""
-    attributes = task_attributes(task_id)
-    started.add(1, attributes)
-    inflight.add(1, attributes)
-    wait = waited(run_id, attempt, not_before, scheduled_at, time.time())
-    if wait is not None:
-        queue_wait.record(wait, attributes)
-
-
-def attempt_ran(
-    task_id: str, attempt_status: str, seconds: float, executed: int, replayed: int
-) -> None:
-    """The task function returned (or raised): how long it ran, and its steps."""
-    duration.record(seconds, _outcome(task_id, ATTEMPT_STATUS, attempt_status))
-    if executed:
-        steps_executed.add(executed, task_attributes(task_id))
-    if replayed:
-        steps_replayed.add(replayed, task_attributes(task_id))
-
-
-def attempt_left(task_id: str) -> None:
-    inflight.add(-1, task_attributes(task_id))
-
-
-def outcome_written(task_id: str, run_status: RunStatus, attempt_status: str) -> None:
-    """The attempt's outcome is in Redis: count how the run goes on."""
-    if run_status is RunStatus.COMPLETED:
-        completed.add(1, task_attributes(task_id))
-    elif run_status is RunStatus.RETRYING:
-        if attempt_status == "THROTTLED":
-            throttled.add(1, _outcome(task_id, THROTTLE_REASON, "downstream"))
-        else:
-            retried.add(1, task_attributes(task_id))
-    elif run_status in (RunStatus.FAILED, RunStatus.TIMED_OUT, RunStatus.CRASHED):
-        failed.add(1, _outcome(task_id, RUN_STATUS, run_status.value))
-
-
-def run_throttled(task_id: str, reason: str) -> None:
-    throttled.add(1, _outcome(task_id, THROTTLE_REASON, reason))
+def of(task_id: str) -> TaskMeter:
+    meter = _meters.get(task_id)
+    if meter is None:
+        meter = _meters[task_id] = TaskMeter(task_id)
+    return meter
 
 
 def waited(
@@ -176,9 +176,10 @@ def waited(
 def created_ms(run_id: str) -> int | None:
     """The creation time of a run id that shared/ids.py made (run_ + 12 hex digits of
     epoch ms + noise); None for other ids (a wire-format producer may choose its own)."""
-    if len(run_id) < 16 or not run_id.startswith("run_"):
+    head = run_id[4:16]
+    if run_id[:4] != "run_" or len(head) != 12:
         return None
     try:
-        return int(run_id[4:16], 16)
+        return int(head, 16)
     except ValueError:
         return None
