@@ -8,16 +8,23 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
+import msgspec
 import pytest
 from opentelemetry import metrics as otel
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 from conveyor import Client, RunFailed, Settings
+from conveyor.scheduler.reaper import Reaper
 from conveyor.shared import metrics
+from conveyor.shared.ids import new_run_id
+from conveyor.shared.schedules import make_record
+from conveyor.shared.store import NewRun
 from conveyor.worker import Worker
 from tests import log_tasks
+from tests.test_schedules import Leader, put_due
 
 _reader: list[InMemoryMetricReader] = []
 
@@ -149,3 +156,26 @@ def test_queue_wait_is_measured_from_what_the_message_says() -> None:
     assert metrics.waited("mine-42", 1, None, None, 0) is None
     # Clocks a little apart never give a negative wait.
     assert metrics.waited(run_id, 1, None, None, created / 1000 - 1) == 0
+
+
+async def test_cron_ticks_and_reaper_republishes_are_counted(
+    settings: Settings, client: Client
+) -> None:
+    sums0, _, _ = snapshot()
+    settings = msgspec.structs.replace(settings, reap_after=0.2)
+    async with Leader(settings) as leader:
+        now = await leader.ticker.now_ms()
+        record = make_record("ticked", None, every=timedelta(seconds=1))
+        await put_due(leader, "metered", record, (now - 2500) // 1000 * 1000)
+        await leader.ticker.tick()
+        fired = leader.ticker.fired
+        # A run created and never published: the reaper publishes it.
+        lost = NewRun(new_run_id(), "ticked", "ticked", b"{}", [], None, 0)
+        await client.store.create([lost])
+        await asyncio.sleep(0.4)
+        republished = await Reaper(leader.runtime, leader.lease).reap()
+    sums = snapshot()[0] - sums0
+    assert fired >= 3
+    assert sums[("conveyor.scheduler.ticks", task_of("ticked"))] == fired
+    assert republished >= 1
+    assert sums[("conveyor.reaper.republished", frozenset())] == republished
