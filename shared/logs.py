@@ -94,10 +94,16 @@ class RunLogs:
         self.pipe = store.pipe
         self.keys = store.keys
         self.ttl_ms = (int(store.settings.run_ttl) + TTL_MARGIN_S) * 1000
+        # The worker's loop and its thread, from its first attempt on.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = 0
 
     def attempt(self, run_id: str, attempt: int, task_id: str) -> AttemptLog:
         """Use with `with` around the attempt: records are captured inside it."""
-        return AttemptLog(self, run_id, attempt, task_id)
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.thread = threading.get_ident()
+        return AttemptLog(self, self.loop, run_id, attempt, task_id)
 
 
 class AttemptLog:
@@ -111,7 +117,6 @@ class AttemptLog:
         "_loop",
         "_owner",
         "_pending",
-        "_thread",
         "_timer",
         "_token",
         "_unsaved",
@@ -120,9 +125,17 @@ class AttemptLog:
         "task_id",
     )
 
-    def __init__(self, owner: RunLogs, run_id: str, attempt: int, task_id: str) -> None:
+    def __init__(
+        self,
+        owner: RunLogs,
+        loop: asyncio.AbstractEventLoop,
+        run_id: str,
+        attempt: int,
+        task_id: str,
+    ) -> None:
         # Made for every attempt, logging or not: nothing here costs more than a store.
         self._owner = owner
+        self._loop = loop
         self.run_id = run_id
         self.attempt = attempt
         self.task_id = task_id
@@ -132,8 +145,6 @@ class AttemptLog:
         self._dropped = 0
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
         self._token: contextvars.Token[AttemptLog | None] | None = None
         self._unsaved = 0
 
@@ -183,7 +194,7 @@ class AttemptLog:
             self._bytes += len(entry)
             self._pending.append(entry)
             first, full = len(self._pending) == 1, len(self._pending) >= FLUSH_RECORDS
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._owner.thread:
             if first or full:
                 self._soon(self.flush if full else self._arm)
         elif full:

@@ -69,7 +69,7 @@ class Limits:
                 msg.reserved = f"{answer.epoch}:{answer.at_ms}"
                 reason = f"{_describe(rate, task.id)}: starts at {_clock(answer.at_ms)}"
                 await self.limiter.throttle(run_id, reason, answer.at_ms)
-                metrics.of(task.id).throttled("rate")
+                metrics.of(task.id).run_throttled("rate")
                 return max(1, answer.at_ms - answer.now_ms)
         limit = task.concurrency
         if limit is not None:
@@ -84,7 +84,7 @@ class Limits:
             if slot.kind == "parked":
                 reason = f"{_describe(limit, task.id)}: {slot.running} of {limit.limit} running"
                 await self.limiter.throttle(run_id, reason)
-                metrics.of(task.id).throttled("concurrency")
+                metrics.of(task.id).run_throttled("concurrency")
                 return PARKED
             if slot.kind == "held":
                 return slot.wait_ms

@@ -440,7 +440,7 @@ class Worker:
         elif claim.kind in ("busy", "early"):
             await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)
         elif claim.kind == "crashed":
-            metrics.of(task.id).written(RunStatus.CRASHED, "CRASHED")
+            metrics.of(task.id).outcome_written(RunStatus.CRASHED, "CRASHED")
             await self._dead_letter(message, queue, claim.detail, run_id=msg.id)
         else:
             await self._execute(
@@ -549,13 +549,13 @@ class Worker:
         key = (run_id, attempt)
         self.inflight[key] = execution
         meter = metrics.of(task.id)
-        meter.started(run_id, attempt, msg.not_before, msg.scheduled_at)
+        meter.attempt_started(run_id, attempt, msg.not_before, msg.scheduled_at)
         known = len(checkpoints)
         try:
             # The attempt's last records are sent with its outcome, in one write.
             with self.run_logs.attempt(run_id, attempt, task.id):
                 outcome = await run_attempt(task, payload, ctx, failures, execution)
-            meter.ran(
+            meter.attempt_ran(
                 outcome.attempt_status,
                 time.monotonic() - execution.started,
                 len(checkpoints) - known,
@@ -582,7 +582,7 @@ class Worker:
                     retry_delay_ms=outcome.retry_delay_ms,
                 )
                 if result.kind == "ok":
-                    meter.written(outcome.run_status, outcome.attempt_status)
+                    meter.outcome_written(outcome.run_status, outcome.attempt_status)
                 if (
                     result.kind == "ok"
                     and outcome.run_status.is_terminal
@@ -603,7 +603,7 @@ class Worker:
                         )
                     )
         finally:
-            meter.left()
+            meter.attempt_left()
             execution.done = True
             self.inflight.pop(key, None)
             self.admission.finished(run_id)
