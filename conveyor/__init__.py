@@ -42,6 +42,7 @@ from conveyor.shared.errors import (
     TriggerIncomplete,
 )
 from conveyor.shared.limits import Concurrency, RateLimit
+from conveyor.shared.logs import LogEntry
 from conveyor.shared.models import AttemptInfo, Run, RunStatus
 from conveyor.shared.retry import Retry
 from conveyor.shared.schedules import Schedule
@@ -59,6 +60,7 @@ __all__ = [
     "InvalidOption",
     "InvalidSchedule",
     "InvalidWait",
+    "LogEntry",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",

@@ -35,6 +35,8 @@ from conveyor.shared.errors import (
     TriggerIncomplete,
 )
 from conveyor.shared.ids import new_run_id
+from conveyor.shared.logs import LogEntry
+from conveyor.shared.logs import decode as decode_logs
 from conveyor.shared.models import Run, RunMessage, RunStatus
 from conveyor.shared.names import check_name
 from conveyor.shared.schedules import ScheduleStore
@@ -428,6 +430,15 @@ class Client:
         if run is None:
             raise RunNotFound(run_id)
         return run
+
+    async def get_logs(self, run_id: str, *, attempt: int | None = None) -> list[LogEntry]:
+        """The records that the run's attempts logged (or one attempt's), by attempt,
+        each attempt's in the order it logged them. An attempt keeps at most 1,000
+        records and 256 KiB of them; a last record notes how many more it logged."""
+        raws: list[Any] = await self.redis.lrange(self.store.keys.logs(run_id), 0, -1)
+        if not raws and not await self.redis.exists(self.store.keys.run(run_id)):
+            raise RunNotFound(run_id)
+        return decode_logs(run_id, raws, attempt)
 
     async def list_runs(
         self, *, task_id: str | None = None, status: RunStatus | None = None, limit: int = 50

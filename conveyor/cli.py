@@ -23,6 +23,7 @@ from conveyor._client import Client
 from conveyor._task import registered_tasks
 from conveyor._telemetry import configure_tracing, join_environment_trace
 from conveyor.shared.errors import ConveyorError, RunNotFound
+from conveyor.shared.logs import LogEntry
 from conveyor.shared.models import Run, RunStatus
 from conveyor.shared.schedules import Schedule
 
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     tree = runs_sub.add_parser("tree", help="a run and the runs it triggered, with statuses")
     tree.add_argument("run_id", metavar="RUN_ID")
     tree.add_argument("--json", action="store_true")
+    logs = runs_sub.add_parser("logs", help="what a run's attempts logged")
+    logs.add_argument("run_id", metavar="RUN_ID")
+    logs.add_argument("--attempt", type=_positive_int, default=None, help="one attempt's only")
+    logs.add_argument("--json", action="store_true")
     listing = runs_sub.add_parser("list", help="recent runs, newest first")
     listing.add_argument("--task", default=None)
     listing.add_argument("--status", default=None, type=_status)
@@ -303,6 +308,10 @@ async def _client_command(args: argparse.Namespace) -> int:
             run = await client.get_run(args.run_id)
             _out(args, _run_dict(run), _run_text(run))
             return 0
+        if args.runs_command == "logs":
+            entries = await client.get_logs(args.run_id, attempt=args.attempt)
+            _out(args, [msgspec.to_builtins(e) for e in entries], _logs_text(args, entries))
+            return 0
         if args.runs_command == "tree":
             nodes = await _tree(client, args.run_id)
             text = "\n".join(
@@ -423,6 +432,16 @@ def _run_text(run: Run) -> str:
         lines.append(f"attempt {a.number}: {a.status} on {a.worker} at {_when(a.started_at)}")
         if a.error:
             lines.append(f"    {a.error}")
+    return "\n".join(lines)
+
+
+def _logs_text(args: argparse.Namespace, entries: list[LogEntry]) -> str:
+    if not entries:
+        which = f"attempt {args.attempt} of run" if args.attempt else "run"
+        return f"no logs for {which} {args.run_id}"
+    lines = [f"run {args.run_id}"]
+    for e in entries:
+        lines.append(f"{_when(e.time)}  attempt {e.attempt}  {e.level:<8} {e.logger}: {e.message}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
-from conveyor.shared import tracing
+from conveyor.shared import metrics, tracing
 from conveyor.shared.cron import Spec, tick_run_id
 from conveyor.shared.errors import InvalidSchedule
 from conveyor.shared.models import RunMessage
@@ -135,6 +135,8 @@ class Ticker:
         if not ok:
             raise Refused(f"schedule moves refused: epoch {self.lease.epoch} lost the lease")
         self.fired += len(ticks)
+        for t in ticks:
+            metrics.ticks.add(1, metrics.of(t.record.task_id).attributes)
         return len(ticks) >= MAX_TICKS
 
     async def _start(self, ticks: Sequence[Tick]) -> None:

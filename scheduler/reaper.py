@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from conveyor.broker.publisher import Outgoing
-from conveyor.shared import tracing
+from conveyor.shared import metrics, tracing
 from conveyor.shared.models import RunMessage, RunStatus
 from conveyor.shared.pipe import Arg
 from conveyor.shared.store import RunState
@@ -154,6 +154,7 @@ class Reaper:
             log.warning("cannot republish runs to queue %r: %s", queue, exc)
         published = sum(o.queue not in failed for o in outgoing)
         if published:
+            metrics.republished.add(published)
             log.info("republished %d stranded runs", published)
         if len(self._times) > MAX_TRACKED:
             self._times.clear()  # only the backoff is lost

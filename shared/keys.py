@@ -52,6 +52,10 @@ class Keys:
         """The runs a run triggered, in order."""
         return f"{self.namespace}:{{{run_id}}}:children"
 
+    def logs(self, run_id: str) -> str:
+        """The log records of a run's attempts (shared/logs.py)."""
+        return f"{self.namespace}:{{{run_id}}}:logs"
+
     def token(self, token_id: str) -> str:
         """A wait token: who waits for it, its expiry, and its data once completed."""
         return f"{self.namespace}:{{{token_id}}}:token"

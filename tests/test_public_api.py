@@ -19,6 +19,7 @@ PUBLIC = [
     "InvalidOption",
     "InvalidSchedule",
     "InvalidWait",
+    "LogEntry",
     "NonRetryableError",
     "PayloadTooLarge",
     "PublishFailed",

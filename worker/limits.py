@@ -26,7 +26,7 @@ import msgspec
 
 from conveyor._task import Task
 from conveyor.broker.publisher import Outgoing
-from conveyor.shared import tracing
+from conveyor.shared import metrics, tracing
 from conveyor.shared.limiter import Limiter, Wake
 from conveyor.shared.limits import Concurrency, RateLimit
 from conveyor.shared.models import RunMessage
@@ -83,6 +83,7 @@ class Limits:
                 msg.reserved = f"{answer.epoch}:{answer.at_ms}"
                 reason = f"{_describe(rate, task.id)}: starts at {_clock(answer.at_ms)}"
                 await self.limiter.throttle(run_id, reason, answer.at_ms)
+                metrics.of(task.id).run_throttled("rate")
                 return max(1, answer.at_ms - answer.now_ms)
         limit = task.concurrency
         if limit is not None:
@@ -95,6 +96,7 @@ class Limits:
             if slot.kind == "parked":
                 reason = f"{_describe(limit, task.id)}: {slot.running} of {limit.limit} running"
                 await self.limiter.throttle(run_id, reason)
+                metrics.of(task.id).run_throttled("concurrency")
                 return PARKED
             if slot.kind == "held":
                 return slot.wait_ms

@@ -34,7 +34,7 @@ from aiormq.abc import DeliveredMessage
 from conveyor._task import Task, registered_tasks
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
-from conveyor.shared import tracing
+from conveyor.shared import logs, metrics, tracing
 from conveyor.shared.availability import (
     Backoff,
     Gate,
@@ -148,6 +148,7 @@ class Worker:
             self.store, self.id, self._stopping, max_wait=self.settings.handover_after
         )
         self.limits = Limits(self.store, self.id, self._publish_all)
+        self.run_logs = logs.RunLogs(self.store)
         self._connection: AbstractRobustConnection | None = None
         # The publisher's own connection: RabbitMQ blocks a connection that publishes
         # during a resource alarm, and a blocked socket would hold up acks and deliveries.
@@ -463,6 +464,7 @@ class Worker:
         elif claim.kind in ("busy", "early"):
             await self._defer(message, msg, queue, claim.wait_ms + DEFER_MARGIN_MS)
         elif claim.kind == "crashed":
+            metrics.of(task.id).outcome_written(RunStatus.CRASHED, "CRASHED")
             await self._dead_letter(message, queue, claim.detail, run_id=msg.id)
         else:
             await self._execute(
@@ -604,10 +606,21 @@ class Worker:
         )
         key = (run_id, attempt)
         self.inflight[key] = execution
+        meter = metrics.of(task.id)
+        meter.attempt_started(run_id, attempt, msg.not_before, msg.scheduled_at)
+        known = len(checkpoints)
         try:
-            outcome = await run_attempt(task, payload, ctx, failures, execution)
+            # The attempt's last records are sent with its outcome, in one write.
+            with self.run_logs.attempt(run_id, attempt, task.id):
+                outcome = await run_attempt(task, payload, ctx, failures, execution)
             if span is not None:
                 span.ended(outcome.attempt_status, outcome.error, outcome.traceback)
+            meter.attempt_ran(
+                outcome.attempt_status,
+                time.monotonic() - execution.started,
+                len(checkpoints) - known,
+                len(ctx.replayed),
+            )
             if execution.stop_reason == "lost":
                 # Taken over (this attempt stalled past its lease) or ended: whatever this
                 # attempt found is not the run's any more, so it writes nothing.
@@ -630,6 +643,8 @@ class Worker:
                     traceback=outcome.traceback,
                     retry_delay_ms=outcome.retry_delay_ms,
                 )
+                if result.kind == "ok":
+                    meter.outcome_written(outcome.run_status, outcome.attempt_status)
                 if (
                     result.kind == "ok"
                     and outcome.run_status.is_terminal
@@ -653,6 +668,7 @@ class Worker:
         finally:
             if span is not None:
                 span.end()
+            meter.attempt_left()
             execution.done = True
             self.inflight.pop(key, None)
             self.admission.finished(run_id)
