@@ -227,19 +227,8 @@ class Client:
         if queue not in self.topology.declared_queues:
             await self.publisher.ensure_queue(queue)
         run_ids = [new_run_id() for _ in payloads]
-        tracer = tracing.tracer()
-        if tracer is None:
-            carrier = tracing.current_carrier()
+        with tracing.publishing(queue, task_id, run_ids) as carrier:
             return await self._start(task_id, queue, payloads, run_ids, opts, decode, carrier)
-        span = tracing.start_publish(tracer, queue, task_id, run_ids)
-        try:
-            carrier = tracing.carrier_of(span)
-            return await self._start(task_id, queue, payloads, run_ids, opts, decode, carrier)
-        except BaseException as exc:
-            tracing.fail(span, exc)
-            raise
-        finally:
-            span.end()
 
     async def _start(
         self,

@@ -15,7 +15,8 @@ is still passed on, which costs nothing when there is none.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -146,6 +147,24 @@ def start_publish(tracer: Tracer, queue: str, task_id: str, run_ids: Sequence[st
     else:
         attributes["messaging.batch.message_count"] = len(run_ids)
     return tracer.start_span(f"publish {queue}", kind=SpanKind.PRODUCER, attributes=attributes)
+
+
+@contextlib.contextmanager
+def publishing(queue: str, task_id: str, run_ids: Sequence[str]) -> Iterator[Carrier | None]:
+    """The headers for a trigger's messages: under its PRODUCER span when tracing is on
+    (ended, with the error if the trigger failed), else the caller's context, if any."""
+    tracer_ = tracer()
+    if tracer_ is None:
+        yield current_carrier()
+        return
+    span = start_publish(tracer_, queue, task_id, run_ids)
+    try:
+        yield carrier_of(span)
+    except BaseException as exc:
+        fail(span, exc)
+        raise
+    finally:
+        span.end()
 
 
 def fail(span: Span, exc: BaseException) -> None:

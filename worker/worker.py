@@ -513,21 +513,10 @@ class Worker:
     async def _spawn(self, children: list[NewRun]) -> None:
         """Create and publish the child runs a waiting step starts (those created by an
         earlier try are there already: a crash before their publish is the reaper's)."""
-        tracer = tracing.tracer()
-        if tracer is None:
-            await self._start_children(children, tracing.current_carrier())
-            return
         # Under the span of the step or wait that starts them (current in this task).
-        span = tracing.start_publish(
-            tracer, children[0].queue, children[0].task_id, [c.run_id for c in children]
-        )
-        try:
-            await self._start_children(children, tracing.carrier_of(span))
-        except BaseException as exc:
-            tracing.fail(span, exc)
-            raise
-        finally:
-            span.end()
+        ids = [c.run_id for c in children]
+        with tracing.publishing(children[0].queue, children[0].task_id, ids) as carrier:
+            await self._start_children(children, carrier)
 
     async def _start_children(
         self, children: list[NewRun], carrier: tracing.Carrier | None
