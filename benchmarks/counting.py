@@ -45,7 +45,7 @@ def install() -> None:
         return
     _installed = True
     _wrap_redis()
-    _wrap_pipe()
+    _wrap_batcher()
     _wrap_aiormq()
     _wrap_publisher()
 
@@ -101,22 +101,20 @@ def _wrap_redis() -> None:
     Pipeline.execute = counted_execute  # type: ignore[method-assign]
 
 
-def _wrap_pipe() -> None:
-    """conveyor's hot-path connection: each write of a loop turn's batch is one round trip
-    shared by the commands it carries."""
-    from conveyor.shared.pipe import RedisPipe
+def _wrap_batcher() -> None:
+    """conveyor's hot-path batcher: each loop turn's batch is one round trip shared by the
+    commands it carries."""
+    from conveyor.shared.batcher import CommandBatcher
 
-    write: Callable[..., Any] = RedisPipe._write
+    round_trip: Callable[..., Any] = CommandBatcher._round_trip
 
-    def counted_write(self: Any, conn: Any, data: list[bytes], futures: Any) -> None:
+    async def counted_round_trip(self: Any, commands: list[tuple[Any, ...]]) -> Any:
         counts["redis pipeline"] += 1
-        for command in data:
-            # b"*N\r\n$len\r\nCOMMAND\r\n...": the command name is the third line
-            name = _name(command.split(b"\r\n", 3)[2])
-            counts[f"redis in-pipeline {name}"] += 1
-        write(self, conn, data, futures)
+        for command in commands:
+            counts[f"redis in-pipeline {_name(command[0])}"] += 1
+        return await round_trip(self, commands)
 
-    RedisPipe._write = counted_write  # type: ignore[method-assign]
+    CommandBatcher._round_trip = counted_round_trip  # type: ignore[method-assign]
 
 
 def _wrap_aiormq() -> None:

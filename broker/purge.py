@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from conveyor.shared.keys import Keys
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.settings import Settings
 
 from .topology import Names, Topology
@@ -26,7 +27,7 @@ async def purge_namespace(settings: Settings, queues: Iterable[str] = ()) -> Non
     versions, if it is there), dead-letter queue, the given work queues and those its
     runs name, then every Redis key of the namespace."""
     keys = Keys(settings.namespace)
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         names = set(queues) | await _queues_of_runs(r, keys)
         connection = await aio_pika.connect(settings.amqp_url)

@@ -39,6 +39,7 @@ from conveyor.shared.logs import LogEntry
 from conveyor.shared.logs import decode as decode_logs
 from conveyor.shared.models import Run, RunMessage, RunStatus
 from conveyor.shared.names import check_name
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.schedules import ScheduleStore
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import Created, NewRun, RunStore, decode_any
@@ -114,14 +115,14 @@ class Client:
         self.settings = settings or Settings.from_env(
             amqp_url=amqp_url, redis_url=redis_url, namespace=namespace
         )
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(self.settings.redis_url)
+        self.redis: aioredis.Redis = redis_client(self.settings)
         self.store = RunStore(self.redis, self.settings)
         self.topology = Topology(self.settings)
         self.publisher = Publisher(self.settings, self.topology)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._connect_lock = asyncio.Lock()
         self._tokens: list[Token[Client | None]] = []
-        self.schedules = Schedules(ScheduleStore(self.redis, self.store.pipe, self.store.keys))
+        self.schedules = Schedules(ScheduleStore(self.redis, self.store.batcher, self.store.keys))
 
     async def __aenter__(self) -> Client:
         self._tokens.append(_active.set(self))

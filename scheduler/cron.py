@@ -32,10 +32,10 @@ import msgspec
 
 from conveyor.broker.publisher import Outgoing
 from conveyor.shared import metrics, tracing
+from conveyor.shared.batcher import Arg
 from conveyor.shared.cron import Spec, tick_run_id
 from conveyor.shared.errors import InvalidSchedule
 from conveyor.shared.models import RunMessage
-from conveyor.shared.pipe import Arg
 from conveyor.shared.schedules import ScheduleRecord, ScheduleStore, decode
 from conveyor.shared.store import NewRun
 
@@ -70,7 +70,7 @@ class Ticker:
     def __init__(self, runtime: Runtime, lease: Lease) -> None:
         self.rt = runtime
         self.lease = lease
-        self.schedules = ScheduleStore(runtime.redis, runtime.store.pipe, runtime.keys)
+        self.schedules = ScheduleStore(runtime.redis, runtime.store.batcher, runtime.keys)
         self.catch_up_ms = int(runtime.settings.cron_catch_up * 1000)
         self.offset_ms = int(runtime.settings.scheduler_clock_offset * 1000)
         self.fired = 0

@@ -31,8 +31,8 @@ import msgspec
 
 from conveyor.broker.publisher import Outgoing
 from conveyor.shared import metrics, tracing
+from conveyor.shared.batcher import Arg
 from conveyor.shared.models import RunMessage, RunStatus
-from conveyor.shared.pipe import Arg
 from conveyor.shared.store import RunState
 from conveyor.shared.waits import child_result, notify_parent
 

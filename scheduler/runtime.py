@@ -8,6 +8,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from conveyor.broker.publisher import Publisher
 from conveyor.broker.topology import Topology
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.scripts import Scripts
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import RunStore
@@ -23,14 +24,10 @@ class Runtime:
         self.settings = settings
         self.name = name
         # Bounded like the worker's: a hung Redis must not stall the lease loop for ever.
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.connect_timeout,
-        )
+        self.redis: aioredis.Redis = redis_client(settings)
         self.store = RunStore(self.redis, settings)
         self.keys = self.store.keys
-        self.scripts = Scripts(self.store.pipe, SCRIPTS)
+        self.scripts = Scripts(self.store.batcher, SCRIPTS)
         self.topology = Topology(settings)
         self.publisher = Publisher(settings, self.topology)
         self.connection: AbstractRobustConnection | None = None

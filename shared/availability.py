@@ -64,7 +64,10 @@ def is_redis_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | TimeoutError | OSError):
         return True
     if isinstance(exc, ResponseError):
-        return str(exc).split(" ", 1)[0] in _REDIS_TRANSIENT
+        # redis-py strips the code of the errors it knows from the message into
+        # `status_code` (READONLY, LOADING, ...); BUSY and NOREPLICAS keep it in the text.
+        code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+        return code in _REDIS_TRANSIENT
     return False
 
 

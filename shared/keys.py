@@ -28,21 +28,11 @@ class Keys:
     def steps(self, run_id: str) -> str:
         return f"{self.namespace}:{{{run_id}}}:steps"
 
-    def packed(self, run_id: str) -> bytes:
-        """run, steps, waits and children of a run as four packed arguments of a Redis
-        command (pipe.bulk), in one formatting: claim and finish send them every run."""
-        tag = f"{self.namespace}:{{{run_id}}}:".encode()
-        n = len(tag)
-        return b"$%d\r\n%brun\r\n$%d\r\n%bsteps\r\n$%d\r\n%bwaits\r\n$%d\r\n%bchildren\r\n" % (
-            n + 3,
-            tag,
-            n + 5,
-            tag,
-            n + 5,
-            tag,
-            n + 8,
-            tag,
-        )
+    def four(self, run_id: str) -> tuple[str, str, str, str]:
+        """run, steps, waits and children of a run, in one formatting: claim and finish
+        send them every run."""
+        tag = f"{self.namespace}:{{{run_id}}}:"
+        return (tag + "run", tag + "steps", tag + "waits", tag + "children")
 
     def waits(self, run_id: str) -> str:
         """step key -> what the step waits for (a child run, a timer), while it waits."""

@@ -12,8 +12,8 @@ from typing import Any
 
 import msgspec
 
+from .batcher import Arg
 from .limits import Concurrency, RateLimit
-from .pipe import Arg
 from .scripts import Scripts
 from .store import RunStore
 
@@ -51,7 +51,7 @@ class Limiter:
     def __init__(self, store: RunStore) -> None:
         self.store = store
         self.keys = store.keys
-        self.scripts = Scripts(store.pipe, ["rate_take", "rate_pause", "slots", "throttle"])
+        self.scripts = Scripts(store.batcher, ["rate_take", "rate_pause", "slots", "throttle"])
         self._lease_ms = int(store.settings.lease_ttl * 1000)
 
     async def _call(self, name: str, keys: list[str], args: list[Arg]) -> Any:

@@ -31,7 +31,6 @@ from typing import Any
 import msgspec
 from opentelemetry import trace
 
-from .pipe import pack
 from .store import RunStore
 
 MAX_RECORDS = 1000
@@ -91,7 +90,7 @@ class RunLogs:
 
     def __init__(self, store: RunStore) -> None:
         install()
-        self.pipe = store.pipe
+        self.batcher = store.batcher
         self.keys = store.keys
         self.ttl_ms = (int(store.settings.run_ttl) + TTL_MARGIN_S) * 1000
         # The worker's loop and its thread, from its first attempt on.
@@ -204,7 +203,7 @@ class AttemptLog:
 
     def flush(self) -> None:
         """Send the kept records not sent yet, with the list's expiry, in one write (the
-        pipe sends what is issued in one turn of the loop together); not awaited."""
+        batcher sends what is issued in one turn of the loop together); not awaited."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -215,8 +214,8 @@ class AttemptLog:
         owner = self._owner
         key = owner.keys.logs(self.run_id)
         sent = [
-            owner.pipe.send(pack(("RPUSH", key, *batch))),
-            owner.pipe.send(pack(("PEXPIRE", key, owner.ttl_ms))),
+            owner.batcher.call("RPUSH", key, *batch),
+            owner.batcher.call("PEXPIRE", key, owner.ttl_ms),
         ]
         sent[0].add_done_callback(lambda f: self._written(f, len(batch)), context=_outside)
         sent[1].add_done_callback(_retrieve, context=_outside)

@@ -15,11 +15,11 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from .batcher import CommandBatcher
 from .cron import Spec, check_key, spec
 from .errors import InvalidSchedule, ScheduleNotFound
 from .keys import Keys
 from .names import check_name
-from .pipe import RedisPipe
 from .scripts import Scripts
 
 
@@ -110,10 +110,10 @@ def default_key(record: ScheduleRecord) -> str:
 
 
 class ScheduleStore:
-    def __init__(self, redis: aioredis.Redis, pipe: RedisPipe, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, batcher: CommandBatcher, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self.scripts = Scripts(pipe, ["sched_put"])
+        self.scripts = Scripts(batcher, ["sched_put"])
         self._ks = [keys.schedules, keys.schedules_due]
 
     async def now_ms(self) -> int:

@@ -16,10 +16,11 @@ from redis.exceptions import ResponseError
 
 from . import tracing
 from .availability import Gate
+from .batcher import Arg, Command, CommandBatcher
 from .errors import RunLost
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunMessage, RunStatus
-from .pipe import Arg, RedisPipe, bulk
+from .redis_client import hot_path_client
 from .scripts import Scripts
 from .settings import Settings
 
@@ -196,13 +197,9 @@ class RunStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.pipe = RedisPipe(
-            settings.redis_url,
-            timeout=settings.redis_timeout,
-            connect_timeout=settings.connect_timeout,
-        )
+        self.batcher = CommandBatcher(hot_path_client(settings), timeout=settings.redis_timeout)
         self.scripts = Scripts(
-            self.pipe,
+            self.batcher,
             [
                 "create",
                 "claim",
@@ -227,13 +224,12 @@ class RunStore:
         self.gate: Gate | None = None
         self._lease_ms = int(settings.lease_ttl * 1000)
         self._run_ttl = str(int(settings.run_ttl))
+        self._claim_head = self.scripts.head("claim", 4)
+        self._checkpoint_head = self.scripts.head("checkpoint", 2)
+        self._finish_head = self.scripts.head("finish", 4)
         # claim's arguments are the same for every run a worker claims, but for the claim
-        # token at the end: packed once.
-        self._claim_head = self.scripts.head("claim", 4, 6)
-        self._checkpoint_head = self.scripts.head("checkpoint", 2, 4)
-        self._finish_head = self.scripts.head("finish", 4, 9)
-        self._run_ttl_bulk = bulk(self._run_ttl)
-        self._claim_tails: dict[tuple[str, bool], bytes] = {}
+        # token at the end.
+        self._claim_tails: dict[tuple[str, bool], Command] = {}
         self._idem_ttl = str(int(settings.idempotency_ttl * 1000))
         self._creating: list[tuple[Sequence[NewRun], asyncio.Future[list[Created]]]] = []
         self._create_tasks: set[asyncio.Task[None]] = set()
@@ -241,7 +237,7 @@ class RunStore:
     async def close(self) -> None:
         if self._create_tasks:
             await asyncio.wait(list(self._create_tasks))
-        await self.pipe.close()
+        await self.batcher.close()
 
     # -- triggering ---------------------------------------------------------------------
 
@@ -374,16 +370,10 @@ class RunStore:
         worker, as a run's last chance needs (claim.lua)."""
         tail = self._claim_tails.get((worker, alone))
         if tail is None:
-            args: list[Arg] = [
-                worker,
-                self._lease_ms,
-                self.settings.max_crashes,
-                self._run_ttl,
-                int(alone),
-            ]
-            tail = self._claim_tails[worker, alone] = b"".join(map(bulk, args))
-        keys = self.keys.packed(run_id)
-        reply = await self._hot("claim", self._claim_head + keys + tail + bulk(token))
+            tail = (worker, self._lease_ms, self.settings.max_crashes, self._run_ttl, int(alone))
+            self._claim_tails[worker, alone] = tail
+        command = (*self._claim_head, *self.keys.four(run_id), *tail, token)
+        reply = await self._hot("claim", command)
         kind = reply[0].decode()
         if kind == "run":
             flat = reply[7:]
@@ -421,13 +411,13 @@ class RunStore:
         result that stands (a result saved first under the key wins). Raises RunLost when
         the run was taken over or ended: nothing is written then."""
         command = (
-            self._checkpoint_head
-            + bulk(self.keys.run(run_id))
-            + bulk(self.keys.steps(run_id))
-            + bulk(worker)
-            + bulk(attempt)
-            + bulk(step_key)
-            + bulk(value)
+            *self._checkpoint_head,
+            self.keys.run(run_id),
+            self.keys.steps(run_id),
+            worker,
+            attempt,
+            step_key,
+            value,
         )
         reply = await self._hot("checkpoint", command)
         kind = reply[0]
@@ -451,20 +441,18 @@ class RunStore:
         traceback: str = "",
         retry_delay_ms: int = 0,
     ) -> Finish:
-        command = b"".join(
-            (
-                self._finish_head,
-                self.keys.packed(run_id),
-                bulk(worker),
-                bulk(attempt),
-                bulk(run_status.value),
-                bulk(attempt_status),
-                bulk(output),
-                bulk(error),
-                bulk(traceback),
-                self._run_ttl_bulk,
-                bulk(retry_delay_ms),
-            )
+        command = (
+            *self._finish_head,
+            *self.keys.four(run_id),
+            worker,
+            attempt,
+            run_status.value,
+            attempt_status,
+            output,
+            error,
+            traceback,
+            self._run_ttl,
+            retry_delay_ms,
         )
         reply = await self._hot("finish", command)
         kind = reply[0].decode()
@@ -472,21 +460,21 @@ class RunStore:
             return Finish("ok", at_ms=int(reply[1]))
         return Finish(kind, status=reply[1].decode())
 
-    async def _send(self, name: str, command: bytes) -> Any:
-        reply = await self.pipe.send(command)
+    async def _send(self, name: str, command: Command) -> Any:
+        reply = await self.batcher.call(*command)
         if isinstance(reply, ResponseError):
             reply = await self.scripts.retry(name, command, reply)
         return reply
 
-    async def _hot(self, name: str, command: bytes) -> Any:
+    async def _hot(self, name: str, command: Command) -> Any:
         """A hot-path script call. While Redis is unavailable it waits at the gate (when
         one is set) and is sent again: its script gives a repeated call the same answer.
-        The common case (gate open, a good reply) awaits the pipe here, with no layer."""
+        The common case (gate open, a good reply) awaits the batcher here, with no layer."""
         gate = self.gate
         if gate is not None and not gate.is_open:
             return await gate.call(lambda: self._send(name, command))
         try:
-            reply = await self.pipe.send(command)
+            reply = await self.batcher.call(*command)
             if isinstance(reply, ResponseError):
                 reply = await self.scripts.retry(name, command, reply)
             return reply
@@ -590,7 +578,7 @@ class RunStore:
 
     async def add_child(self, run_id: str, child_ids: Sequence[str]) -> None:
         """Record children that no step waits for (fire-and-forget triggers)."""
-        await self.pipe.execute("RPUSH", self.keys.children(run_id), *child_ids)
+        await self.batcher.execute("RPUSH", self.keys.children(run_id), *child_ids)
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], worker: str) -> list[str]:
         """Renew the leases of (run_id, attempt) pairs; returns 'ok' or the status that

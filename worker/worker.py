@@ -50,6 +50,7 @@ from conveyor.shared.errors import (
 )
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.settings import Settings, redact
 from conveyor.shared.store import Created, Lineage, NewRun, RunStore
 from conveyor.shared.waits import child_result, notify_parent, timed_out, token_outcome
@@ -110,13 +111,7 @@ class Worker:
         # the slots wait in the worker (see _take_slot).
         self.prefetch = prefetch or 2 * concurrency
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            self.settings.redis_url,
-            max_connections=concurrency + 16,
-            socket_timeout=self.settings.redis_timeout,
-            socket_connect_timeout=self.settings.connect_timeout,
-            socket_keepalive=True,
-        )
+        self.redis: aioredis.Redis = redis_client(self.settings, max_connections=concurrency + 16)
         self.store = RunStore(self.redis, self.settings)
         self.topology = Topology(self.settings)
         self.publisher = Publisher(self.settings, self.topology)
@@ -134,7 +129,7 @@ class Worker:
             unavailable=is_redis_unavailable,
             stopping=self._stopping,
             hold_for=self.settings.handover_after,
-            probe=lambda: self.store.pipe.execute("PING"),
+            probe=lambda: self.store.batcher.execute("PING"),
             probe_timeout=self.settings.redis_timeout,
         )
         self.broker_gate = Gate(
@@ -227,7 +222,7 @@ class Worker:
                     raise ServiceUnavailable(f"stopped while waiting for {service}") from exc
 
     async def _connect_redis(self) -> None:
-        await self.store.pipe.execute("PING")
+        await self.store.batcher.execute("PING")
         await self._check_redis()
 
     async def _start_consuming(self) -> None:

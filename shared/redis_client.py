@@ -1,0 +1,122 @@
+"""redis-py clients for CONVEYOR_REDIS_URL, in the forms users already write.
+
+- ``redis://[user:password@]host:port/db``, ``unix:///path?db=N``;
+- ``rediss://...`` for TLS, with redis-py's query options honoured on every connection:
+  ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs`` (``required``,
+  ``optional``, ``none``), ``ssl_check_hostname``;
+- ``redis+sentinel://[user:password@]host:26379,host2:26379/service[/db]`` (or
+  ``rediss+sentinel://`` for TLS to the sentinels and the data nodes): the primary that the
+  sentinels name for ``service``, found again after a failover. ``sentinel_username`` and
+  ``sentinel_password`` in the query authenticate to the sentinels; the URL's own user and
+  password are the data nodes'.
+
+Every connection has the connect timeout, TCP keepalive and a health check of an idle
+connection before use; commands have ``redis_timeout`` (the hot path's batcher bounds
+whole batches instead, see batcher.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+
+from .errors import ConfigurationError
+from .settings import Settings, redact
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# Seconds a pooled connection may sit idle before it is checked with a PING on next use:
+# a connection that went half-open meanwhile is replaced instead of failing a command.
+HEALTH_CHECK_INTERVAL = 30
+
+
+def redis_client(settings: Settings, *, max_connections: int | None = None) -> aioredis.Redis:
+    """The client for everything but the hot path's batches."""
+    return _client(settings, settings.redis_timeout, max_connections)
+
+
+def hot_path_client(settings: Settings) -> aioredis.Redis:
+    """The batcher's client: no timer per reply, the batcher bounds each batch."""
+    return _client(settings, None, None)
+
+
+def _client(
+    settings: Settings, socket_timeout: float | None, max_connections: int | None
+) -> aioredis.Redis:
+    url = settings.redis_url
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": settings.connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+    }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+    scheme = url.partition("://")[0].lower()
+    try:
+        if scheme in SENTINEL_SCHEMES:
+            return _sentinel_primary(url, options)
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "the scheme must be redis://, rediss://, unix://, redis+sentinel:// or "
+                "rediss+sentinel://"
+            )
+        return aioredis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigurationError(f"CONVEYOR_REDIS_URL={redact(url)!r}: {exc}") from exc
+
+
+def _sentinel_primary(url: str, options: dict[str, Any]) -> aioredis.Redis:
+    parts = urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    sentinels = [_host_port(entry) for entry in hostlist.split(",") if entry]
+    if not sentinels:
+        raise ValueError("name at least one sentinel as host:port")
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("the path must be /service or /service/db (the monitored primary)")
+    service = unquote(path[0])
+    db = _int("db", path[1]) if len(path) == 2 else 0
+    query = dict(parse_qsl(parts.query))
+    sentinel_options: dict[str, Any] = {
+        "socket_timeout": options["socket_timeout"] or 10.0,
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "socket_keepalive": True,
+    }
+    for name in ("sentinel_username", "sentinel_password"):
+        if name in query:
+            sentinel_options[name.removeprefix("sentinel_")] = query.pop(name)
+    node_options = dict(options, db=db)
+    if user:
+        node_options["username"] = unquote(user)
+    if password:
+        node_options["password"] = unquote(password)
+    if parts.scheme.lower().startswith("rediss"):
+        tls = {"ssl": True, **{k: v for k, v in query.items() if k.startswith("ssl_")}}
+        node_options.update(tls)
+        sentinel_options.update(tls)
+        query = {k: v for k, v in query.items() if not k.startswith("ssl_")}
+    if query:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(query))} in the query")
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=sentinel_options, **node_options
+    )
+    primary: aioredis.Redis = sentinel.master_for(service, redis_class=aioredis.Redis)
+    return primary
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":")
+    if not host:
+        return entry, 26379
+    return host.strip("[]"), _int("sentinel port", port)
+
+
+def _int(what: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a number") from None
