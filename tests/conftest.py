@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from conveyor import Client, Settings
 from conveyor.broker.purge import purge_namespace
 from conveyor.shared.keys import Keys
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests.servers import OwnRedis
 
@@ -113,7 +113,7 @@ async def cleanup(settings: Settings) -> None:
 async def _delete_traces(settings: Settings) -> None:
     from tests.tasks import trace_key
 
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         pattern = Keys(settings.namespace).run("*")
         run_keys = [k async for k in r.scan_iter(match=pattern, count=1000)]

@@ -308,3 +308,218 @@ class Proxy:
         for w in (writer, up_writer):
             w.close()
             self._writers.discard(w)
+
+
+_NEW_KEY = ("openssl", "req", "-newkey", "rsa:2048", "-nodes")
+
+
+class Certificates:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate, made
+    with openssl in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        if shutil.which("openssl") is None:
+            pytest.fail("this test makes TLS certificates: install openssl")
+        self.dir = directory
+        self.ca = directory / "ca.pem"
+        self.server_cert, self.server_key = directory / "server.pem", directory / "server.key"
+        self.client_cert, self.client_key = directory / "client.pem", directory / "client.key"
+        ca_key = directory / "ca.key"
+        subprocess.run(
+            [
+                *_NEW_KEY,
+                "-x509",
+                "-days",
+                "2",
+                "-keyout",
+                str(ca_key),
+                "-out",
+                str(self.ca),
+                "-subj",
+                "/CN=conveyor-test-ca",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        for name, cert, key, ext in (
+            ("server", self.server_cert, self.server_key, "subjectAltName=IP:127.0.0.1"),
+            ("client", self.client_cert, self.client_key, "extendedKeyUsage=clientAuth"),
+        ):
+            request = directory / f"{name}.csr"
+            extfile = directory / f"{name}.ext"
+            extfile.write_text(ext + "\n")
+            subprocess.run(
+                [
+                    *_NEW_KEY,
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(request),
+                    "-subj",
+                    f"/CN=conveyor-test-{name}",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                [
+                    "openssl",
+                    "x509",
+                    "-req",
+                    "-in",
+                    str(request),
+                    "-CA",
+                    str(self.ca),
+                    "-CAkey",
+                    str(ca_key),
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    str(cert),
+                    "-extfile",
+                    str(extfile),
+                ],
+                check=True,
+                capture_output=True,
+            )
+
+
+class TlsRedis:
+    """A redis-server that only speaks TLS and requires client certificates."""
+
+    def __init__(self, certs: Certificates) -> None:
+        self.certs = certs
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-cert-file",
+                str(certs.server_cert),
+                "--tls-key-file",
+                str(certs.server_key),
+                "--tls-ca-cert-file",
+                str(certs.ca),
+                "--tls-auth-clients",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url()).ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("the TLS redis-server did not start")
+
+    def url(self, *, client_cert: bool = True, ca: bool = True) -> str:
+        query = []
+        if ca:
+            query.append(f"ssl_ca_certs={self.certs.ca}")
+        if client_cert:
+            query += [f"ssl_certfile={self.certs.client_cert}"]
+            query += [f"ssl_keyfile={self.certs.client_key}"]
+        query.append("ssl_cert_reqs=required")
+        return f"rediss://127.0.0.1:{self.port}/0?{'&'.join(query)}"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class SentinelGroup:
+    """A primary, a replica and three sentinels watching them as `service`."""
+
+    service = "conveyor-primary"
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.primary = OwnRedis()
+        self.primary.start()
+        self.replica = OwnRedis()
+        self.replica_args = ["--replicaof", "127.0.0.1", str(self.primary.port)]
+        self.replica.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.replica.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.replica_args,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        for port in self.sentinel_ports:
+            conf = directory / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL
+                )
+            )
+        self._await(lambda: self._replicas_seen() >= 1 and self._sentinels_seen() >= 2)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def primary_port(self) -> int:
+        addr = redis.Redis(port=self.sentinel_ports[0]).sentinel_get_master_addr_by_name(
+            self.service
+        )
+        return int(addr[1])
+
+    def _replicas_seen(self) -> int:
+        try:
+            info = redis.Redis(port=self.primary.port).info("replication")
+            return int(info.get("connected_slaves", 0))
+        except redis.exceptions.ConnectionError:
+            return 0
+
+    def _sentinels_seen(self) -> int:
+        try:
+            master = redis.Redis(port=self.sentinel_ports[0]).sentinel_master(self.service)
+            return int(master.get("num-other-sentinels", 0))
+        except redis.exceptions.ConnectionError:
+            return 0
+
+    @staticmethod
+    def _await(check: object, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():  # type: ignore[operator]
+                return
+            time.sleep(0.1)
+        raise AssertionError("the sentinel group did not come up")
+
+    def close(self) -> None:
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait()
+        self.primary.kill()
+        self.replica.kill()
