@@ -49,6 +49,8 @@ QUEUES = [noop.queue, stamp.queue, steps.queue]
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 TERMINAL_BYTES = {s.value.encode() for s in TERMINAL}
 STEPS_PER_RUN = 10
+# Finished runs whose memory is measured after a drain.
+MEMORY_SAMPLE = 500
 T = TypeVar("T")
 
 
@@ -290,6 +292,7 @@ class Bench:
         after = await self.commandstats()
         await self.pool.stop()
         rows = await self.fetch(ids, ["status", "started_at", "finished_at", "attempt"])
+        memory = await self.memory_per_run(ids[:MEMORY_SAMPLE])
         bad = sum(1 for r in rows if r[0] != b"COMPLETED" or r[3] != b"1")
         starts = sorted(int(float(r[1] or 0)) for r in rows)
         ends = sorted(int(float(r[2] or 0)) for r in rows)
@@ -309,7 +312,19 @@ class Bench:
                 for name in cpu_before
             },
             "redis_server_per_run": self._per_run(before, after, n),
+            "redis_bytes_per_finished_run": memory,
         }
+
+    async def memory_per_run(self, ids: Sequence[str]) -> float:
+        """Redis's MEMORY USAGE of a finished run's own keys, averaged (the indexes,
+        whose entries leave with the runs, are not counted)."""
+        keys = self.client.store.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in ids:
+                for key in (keys.run(run_id), keys.steps(run_id), keys.logs(run_id)):
+                    pipe.memory_usage(key, samples=0)
+            usage = await pipe.execute()
+        return sum(u or 0 for u in usage) / max(len(ids), 1)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by the workers, the Redis server and the RabbitMQ node
@@ -641,6 +656,16 @@ def report(results: Mapping[int, Mapping[str, Any]], counts: Mapping[str, Any] |
     )
     row("trigger() call at 200/s, p50 ms", lambda r: r["latency"]["trigger_call_ms"]["p50"], ".2f")
     row("trigger() call at 200/s, p99 ms", lambda r: r["latency"]["trigger_call_ms"]["p99"], ".2f")
+    row(
+        "Redis bytes per finished no-op run (MEMORY USAGE)",
+        lambda r: r["noop_drain"].get("redis_bytes_per_finished_run"),
+        ",.0f",
+    )
+    row(
+        "Redis bytes per finished steps(10) run",
+        lambda r: r["steps_drain"].get("redis_bytes_per_finished_run"),
+        ",.0f",
+    )
     row(
         "checkpointed step, in task, p50 ms",
         lambda r: r["steps"]["in_task_ms_per_step"]["p50"],

@@ -65,15 +65,26 @@ class RunMessage(msgspec.Struct, omit_defaults=True):
 
 
 class Attempt(msgspec.Struct, omit_defaults=True):
-    """One execution of a run: how it started and how it ended."""
+    """One execution of a run as its hash keeps it (field `a:{n}`, written by the
+    scripts): number, status, start and end in epoch ms, error and traceback. The names
+    are short so that a finished attempt's record stays within Redis's compact hash
+    encoding (values of at most 64 bytes, `hash-max-listpack-value`); the worker is in a
+    field of its own (`w:{n}`). Records written before kept the long names, and the
+    worker inside: a record read takes the short name where both are there."""
 
-    number: int
-    status: str
-    started_at: int
-    worker: str = ""
+    n: int | None = None
+    s: str | None = None
+    t0: int | None = None
+    t1: int | None = None
+    e: str | None = None
+    tb: str | None = None
+    number: int = 0
+    status: str = ""
+    started_at: int = 0
     finished_at: int | None = None
     error: str | None = None
     traceback: str | None = None
+    worker: str = ""
 
 
 class AttemptInfo(msgspec.Struct, frozen=True):

@@ -747,7 +747,7 @@ class RunStore:
 
 def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
     attempts = sorted(
-        (_attempt_decoder.decode(v) for k, v in f.items() if k.startswith(b"a:")),
+        (_attempt_info(k, v, f) for k, v in f.items() if k.startswith(b"a:")),
         key=lambda a: a.number,
     )
     output_raw = f.get(b"output")
@@ -758,18 +758,7 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         id=run_id,
         task_id=f[b"task"].decode(),
         status=status,
-        attempts=[
-            AttemptInfo(
-                number=a.number,
-                status=a.status,
-                started_at=_ms(str(a.started_at).encode()) or datetime.fromtimestamp(0, UTC),
-                finished_at=_ms(str(a.finished_at).encode()) if a.finished_at else None,
-                error=a.error,
-                traceback=a.traceback,
-                worker=a.worker,
-            )
-            for a in attempts
-        ],
+        attempts=attempts,
         payload=_any_decoder.decode(f.get(b"payload", b"{}")),
         output=_any_decoder.decode(output_raw) if output_raw else None,
         error=error.decode() if error else None,
@@ -786,6 +775,21 @@ def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:
         concurrency_key=_text(f.get(b"ckey")),
         throttled=_text(f.get(b"throttle")) if status is RunStatus.QUEUED else None,
         expires_at=_ms(f.get(b"expires_at")),
+    )
+
+
+def _attempt_info(field: bytes, record: bytes, run: dict[bytes, bytes]) -> AttemptInfo:
+    a = _attempt_decoder.decode(record)
+    finished = a.t1 if a.t1 is not None else a.finished_at
+    worker = run.get(b"w:" + field[2:])
+    return AttemptInfo(
+        number=a.n if a.n is not None else a.number,
+        status=a.s if a.s is not None else a.status,
+        started_at=_ms(str(a.t0 or a.started_at).encode()) or datetime.fromtimestamp(0, UTC),
+        finished_at=_ms(str(finished).encode()) if finished else None,
+        error=a.e if a.e is not None else a.error,
+        traceback=a.tb if a.tb is not None else a.traceback,
+        worker=worker.decode() if worker is not None else a.worker,
     )
 
 

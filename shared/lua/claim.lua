@@ -78,9 +78,9 @@ if status == 'EXECUTING' then
   local raw = redis.call('HGET', KEYS[1], 'a:' .. n)
   if raw then
     local rec = cjson.decode(raw)
-    rec.status = 'CRASHED'
-    rec.finished_at = now
-    rec.error = 'worker ' .. tostring(r[7]) .. ' stopped renewing its lease (killed or lost)'
+    rec.s = 'CRASHED'
+    rec.t1 = now
+    rec.e = 'worker ' .. tostring(r[7]) .. ' stopped renewing its lease (killed or lost)'
     redis.call('HSET', KEYS[1], 'a:' .. n, cjson.encode(rec))
   end
   redis.call('HSET', KEYS[1], 'crashes', crashes, 'lease_until', 0)
@@ -116,6 +116,5 @@ local n = tonumber(r[4] or '0') + 1
 redis.call('HDEL', KEYS[1], 'throttle')
 redis.call('HSET', KEYS[1], 'status', 'EXECUTING', 'attempt', n, 'worker', ARGV[1],
   'claim', ARGV[6], 'lease_until', now + tonumber(ARGV[2]), 'started_at', r[8] or now,
-  'a:' .. n, '{"number":' .. n .. ',"status":"EXECUTING","started_at":' .. now
-    .. ',"worker":' .. cjson.encode(ARGV[1]) .. '}')
+  'a:' .. n, '{"n":' .. n .. ',"s":"EXECUTING","t0":' .. now .. '}', 'w:' .. n, ARGV[1])
 return started(n)

@@ -19,11 +19,13 @@ end
 local function closed_attempt()
   local rec
   if r[4] then rec = cjson.decode(r[4]) else
-    rec = {number = tonumber(ARGV[2]), started_at = now, worker = ARGV[1]} end
-  rec.status = ARGV[4]
-  rec.finished_at = now
-  if ARGV[6] ~= '' then rec.error = ARGV[6] end
-  if ARGV[7] ~= '' then rec.traceback = ARGV[7] end
+    rec = {n = tonumber(ARGV[2]), t0 = now}
+    redis.call('HSET', KEYS[1], 'w:' .. ARGV[2], ARGV[1])
+  end
+  rec.s = ARGV[4]
+  rec.t1 = now
+  if ARGV[6] ~= '' then rec.e = ARGV[6] end
+  if ARGV[7] ~= '' then rec.tb = ARGV[7] end
   return cjson.encode(rec)
 end
 local status = r[1]

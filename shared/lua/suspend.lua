@@ -23,10 +23,10 @@ end
 if r[1] ~= 'EXECUTING' or r[2] ~= ARGV[1] or r[3] ~= ARGV[2] then
   return {'stale', r[1] or 'MISSING'}
 end
-local rec = {number = tonumber(ARGV[2]), started_at = now, worker = ARGV[1]}
-if r[5] then rec = cjson.decode(r[5]) end
-rec.status = 'WAITING'
-rec.finished_at = now
+local rec = {n = tonumber(ARGV[2]), t0 = now}
+if r[5] then rec = cjson.decode(r[5]) else redis.call('HSET', KEYS[1], 'w:' .. ARGV[2], ARGV[1]) end
+rec.s = 'WAITING'
+rec.t1 = now
 local status = 'WAITING'
 if redis.call('HLEN', KEYS[2]) == 0 then status = 'QUEUED' end
 redis.call('HSET', KEYS[1], 'a:' .. ARGV[2], cjson.encode(rec), 'status', status,
