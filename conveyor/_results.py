@@ -4,8 +4,9 @@ Every script that ends a run publishes the run's id on the namespace's `ended` c
 (shared/lua/*.lua). A Client's Endings keeps the futures of the result() calls waiting,
 by run id, and two tasks, started by the first wait and stopped by close():
 
-- the listener holds one pub/sub subscription to the channel and queues the runs whose
-  notice arrives, if anyone waits for them;
+- the listener holds one pub/sub subscription to the channel while anything waits (every
+  end in the namespace arrives there) and queues the runs whose notice arrives, if
+  anyone waits for them;
 - the reader reads the queued runs in pipelines on one connection (all that were queued
   while its last read was under way), and settles the waits of the runs that ended.
 
@@ -34,6 +35,9 @@ log = logging.getLogger("conveyor")
 # Runs per pipeline: bounds what one reply holds (outputs included) and how long Redis
 # spends on one batch.
 READ_CHUNK = 1000
+# Seconds the subscription outlives the last wait, for the next one; past that, a busy
+# namespace's notices would cost a client that waits for nothing.
+LINGER = 2.0
 
 
 class Endings:
@@ -48,6 +52,7 @@ class Endings:
         self._seen: dict[str, RunStatus] = {}  # the last status read of each waited run
         self._due: set[str] = set()
         self._wake = asyncio.Event()
+        self._wanted = asyncio.Event()  # set while any wait is registered
         self._unavailable: str | None = None  # why the last read failed, if it did
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -59,6 +64,7 @@ class Endings:
             self._tasks = [loop.create_task(self._read()), loop.create_task(self._listen())]
         future: asyncio.Future[StatusView] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(run_id, []).append(future)
+        self._wanted.set()
         self._queue(run_id)
         try:
             async with asyncio.timeout(timeout):
@@ -94,6 +100,8 @@ class Endings:
         if not futures:
             self._waiting.pop(run_id, None)
             self._seen.pop(run_id, None)
+            if not self._waiting:
+                self._wanted.clear()
         if not future.done():
             future.cancel()
         elif not future.cancelled():
@@ -144,11 +152,19 @@ class Endings:
         loop = asyncio.get_running_loop()
         backoff = Backoff(first=0.1, cap=5.0)
         while True:
+            await self._wanted.wait()
             try:
                 async with self._store.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._store.keys.ended_channel)
                     pinged: float | None = None
+                    idle_since = None
                     while True:
+                        if self._waiting:
+                            idle_since = None
+                        elif idle_since is None:
+                            idle_since = loop.time()
+                        elif loop.time() - idle_since > LINGER:
+                            break  # unsubscribed as the pubsub closes
                         item = await pubsub.get_message(timeout=self._poll)
                         if item is None:
                             if pinged is None:
