@@ -1,7 +1,9 @@
 """`python -m benchmarks results`: many `handle.result()` awaited at once, as a user would.
 
 N no-op runs are triggered with no worker running, N `result()` calls are awaited with
-asyncio.gather, then one worker process drains the runs. Reported: how many waits
+asyncio.gather, then one worker process drains the runs. With `--no-broker` the runs are
+only created in Redis and a process ends them with the worker's own scripts (claim and
+finish, through RunStore): no RabbitMQ, and nothing but result() in the client. Reported: how many waits
 returned and how the others failed, the time from the worker's start to the last wait's
 return and from the last run's end to it (how late the last wait woke), the client's CPU
 time over the waits, and the most Redis connections the client's pool held at once.
@@ -17,15 +19,21 @@ import asyncio
 import collections
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from benchmarks.tasks import noop
-from benchmarks.throughput import WorkerPool, check_local, cleanup, run_main
+from benchmarks.throughput import ROOT, BenchError, WorkerPool, check_local, cleanup, run_main
 from conveyor import Client, Settings
+from conveyor.shared.ids import new_run_id
 from conveyor.shared.keys import Keys
+from conveyor.shared.models import RunStatus
+from conveyor.shared.store import NewRun, RunStore
 
 TRIGGER_BATCH = 500
 
@@ -48,13 +56,64 @@ async def _last_end_ms(client: Client, run_ids: list[str]) -> int:
     return latest
 
 
-async def measure(settings: Settings, runs: int, timeout: float) -> dict[str, Any]:
+async def _end_runs(settings: Settings, run_ids: list[str]) -> None:
+    """What a worker writes for each run (claim, then finish COMPLETED), 200 at a time."""
+    store = RunStore(aioredis.Redis.from_url(settings.redis_url), settings)
+    try:
+        for start in range(0, len(run_ids), 200):
+            chunk = run_ids[start : start + 200]
+            claims = await asyncio.gather(*(store.claim(r, "bench", "claim") for r in chunk))
+            await asyncio.gather(
+                *(
+                    store.finish(
+                        run_id,
+                        "bench",
+                        claim.attempt,
+                        run_status=RunStatus.COMPLETED,
+                        attempt_status="COMPLETED",
+                        output=b"null",
+                    )
+                    for run_id, claim in zip(chunk, claims, strict=True)
+                )
+            )
+    finally:
+        await store.close()
+        await store.redis.aclose()
+
+
+def _run_ender(settings: Settings, run_ids: list[str]) -> subprocess.Popen[bytes]:
+    """A process that ends the runs (`--end-runs`), so its CPU is not the client's."""
+    # This very file, so that an older checkout measured with it (PYTHONPATH) has it too.
+    env = {
+        **os.environ,
+        "CONVEYOR_NAMESPACE": settings.namespace,
+        "PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT),
+    }
+    command = [sys.executable, __file__, "--end-runs"]
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write("\n".join(run_ids).encode())
+    proc.stdin.close()
+    return proc
+
+
+async def measure(settings: Settings, runs: int, timeout: float, *, broker: bool) -> dict[str, Any]:
     workers = WorkerPool(settings, concurrency=100)
+    ender: subprocess.Popen[bytes] | None = None
     try:
         async with Client(settings=settings) as client:
-            handles = []
+            handles: list[Any] = []
             for start in range(0, runs, TRIGGER_BATCH):
-                handles += await noop.batch_trigger([{}] * min(TRIGGER_BATCH, runs - start))
+                count = min(TRIGGER_BATCH, runs - start)
+                if broker:
+                    handles += await noop.batch_trigger([{}] * count)
+                else:
+                    new = [
+                        NewRun(new_run_id(), noop.id, noop.queue, b"{}", [], None, 0)
+                        for _ in range(count)
+                    ]
+                    await client.store.create(new)
+                    handles += [client.handle(run.run_id) for run in new]
             cpu = time.process_time()
             waiting = asyncio.ensure_future(
                 asyncio.gather(
@@ -63,7 +122,10 @@ async def measure(settings: Settings, runs: int, timeout: float) -> dict[str, An
             )
             await asyncio.sleep(0.2)  # every wait under way before a run ends
             started = time.time()
-            workers.start(1)
+            if broker:
+                workers.start(1)
+            else:
+                ender = _run_ender(settings, [h.id for h in handles])
             most = 0
             while not waiting.done():
                 most = max(most, _pool_size(client))
@@ -75,8 +137,12 @@ async def measure(settings: Settings, runs: int, timeout: float) -> dict[str, An
             )
             last_end = await _last_end_ms(client, [h.id for h in handles]) / 1000
             await workers.stop()
+            if ender is not None and ender.wait() != 0:
+                raise BenchError(f"the process ending the runs exited with {ender.returncode}")
     finally:
         workers.kill()
+        if ender is not None and ender.poll() is None:
+            ender.kill()
         await cleanup(settings)
     return {
         "runs": runs,
@@ -90,12 +156,15 @@ async def measure(settings: Settings, runs: int, timeout: float) -> dict[str, An
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.end_runs:
+        await _end_runs(Settings.from_env(), sys.stdin.read().split())
+        return 0
     settings = Settings.from_env(namespace=f"bench{secrets.token_hex(4)}")
     check_local(settings.amqp_url, "CONVEYOR_AMQP_URL")
     check_local(settings.redis_url, "CONVEYOR_REDIS_URL")
     print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
     for runs in args.runs:
-        result = await measure(settings, runs, args.timeout)
+        result = await measure(settings, runs, args.timeout, broker=not args.no_broker)
         print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
     return 0
 
@@ -109,6 +178,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated numbers of waits, one measurement each (default 10000)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="of each result() call")
+    parser.add_argument(
+        "--no-broker", action="store_true", help="runs ended by a script, not a worker"
+    )
+    parser.add_argument("--end-runs", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

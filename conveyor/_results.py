@@ -55,6 +55,7 @@ class Endings:
         self._wanted = asyncio.Event()  # set while any wait is registered
         self._unavailable: str | None = None  # why the last read failed, if it did
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
 
     async def wait(self, run_id: str, timeout: float | None) -> StatusView:
         """The run's status once it has ended; RunNotFound, or ResultTimeout after
@@ -78,9 +79,15 @@ class Endings:
             self._forget(run_id, future)
 
     async def aclose(self) -> None:
+        # The flag and the events end the loops even where redis-py turns a cancellation
+        # into an error of its own, which the loops would take for Redis being down.
+        self._closed = True
+        self._wake.set()
+        self._wanted.set()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         self._tasks = []
         for run_id, futures in self._waiting.items():
             for future in futures:
@@ -111,7 +118,7 @@ class Endings:
         loop = asyncio.get_running_loop()
         backoff = Backoff(first=0.05, cap=2.0)
         recheck_at = loop.time() + self._recheck
-        while True:
+        while not self._closed:
             if not self._due:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -151,14 +158,14 @@ class Endings:
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         backoff = Backoff(first=0.1, cap=5.0)
-        while True:
+        while not self._closed:
             await self._wanted.wait()
             try:
                 async with self._store.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._store.keys.ended_channel)
                     pinged: float | None = None
                     idle_since = None
-                    while True:
+                    while not self._closed:
                         if self._waiting:
                             idle_since = None
                         elif idle_since is None:

@@ -122,7 +122,7 @@ async def test_a_run_ended_before_the_call_returns_at_once(
 
 
 async def test_a_cancel_wakes_the_wait(client: Client) -> None:
-    handle = await tasks.echo.trigger("never run", delay=3600)
+    handle = await tasks.echo.options(delay=3600).trigger("never run")
     waiting = asyncio.ensure_future(handle.result(timeout=60))
     await asyncio.sleep(0.2)
     await handle.cancel()
@@ -134,7 +134,7 @@ async def test_a_cancel_wakes_the_wait(client: Client) -> None:
 async def test_a_lost_notice_ends_the_wait_at_the_next_re_read(
     client: Client, settings: Settings, redis: aioredis.Redis, namespace: str
 ) -> None:
-    handle = await tasks.echo.trigger("queued", delay=3600)
+    handle = await tasks.echo.options(delay=3600).trigger("queued")
     rechecking = msgspec.structs.replace(settings, result_recheck=0.5)
     async with Client(settings=rechecking) as waiter:
         waiting = asyncio.ensure_future(waiter.handle(handle.id).result(timeout=60))
@@ -149,7 +149,7 @@ async def test_a_lost_subscription_re_reads_every_waited_run(
 ) -> None:
     """No re-read for 600 s: only subscribing again (and reading every waited run then)
     can end this wait, whose notice was never sent."""
-    handle = await tasks.echo.trigger("queued", delay=3600)
+    handle = await tasks.echo.options(delay=3600).trigger("queued")
     waiting = asyncio.ensure_future(handle.result(timeout=60))
 
     async def subscriber() -> list[dict[str, Any]]:
@@ -167,7 +167,7 @@ async def test_the_subscription_ends_soon_after_the_last_wait(
     client: Client, redis: aioredis.Redis, namespace: str
 ) -> None:
     """A client that waits for nothing does not keep receiving the namespace's ends."""
-    handle = await tasks.echo.trigger("later", delay=3600)
+    handle = await tasks.echo.options(delay=3600).trigger("later")
     with pytest.raises(ResultTimeout):
         await handle.result(timeout=0.5)
 
@@ -178,7 +178,7 @@ async def test_the_subscription_ends_soon_after_the_last_wait(
 
 
 async def test_a_timeout_raises_result_timeout_with_the_status(client: Client) -> None:
-    handle = await tasks.echo.trigger("later", delay=3600)
+    handle = await tasks.echo.options(delay=3600).trigger("later")
     with pytest.raises(ResultTimeout) as info:
         await handle.result(timeout=0.5)
     assert info.value.status == "DELAYED"
@@ -198,7 +198,7 @@ async def test_redis_down_during_result_backs_off_and_ends_clearly(
     )
     try:
         async with Client(settings=settings) as client:
-            handle = await tasks.echo.trigger("queued", delay=3600)
+            handle = await tasks.echo.options(delay=3600).trigger("queued")
             waiting = asyncio.ensure_future(handle.result(timeout=120))
             await asyncio.sleep(0.3)
             server.kill()
