@@ -3,7 +3,7 @@
 import sys
 
 USAGE = (
-    "usage: python -m benchmarks compare|throughput|ladder|schedules|limits|tracing [options]"
+    "usage: python -m benchmarks compare|throughput|ladder|schedules|limits|tracing|results [options]"
     "  (--help after any)"
 )
 
@@ -22,6 +22,10 @@ def main() -> int:
         from benchmarks.limits import main as limits
 
         return limits(rest)
+    if command == "results":
+        from benchmarks.results import main as results
+
+        return results(rest)
     if command == "schedules":
         from benchmarks.schedules import main as schedules
 

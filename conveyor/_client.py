@@ -26,7 +26,6 @@ from conveyor.shared.errors import (
     InvalidWait,
     PayloadTooLarge,
     PublishFailed,
-    ResultTimeout,
     RunFailed,
     RunNotFound,
     TokenNotFound,
@@ -45,6 +44,7 @@ from conveyor.shared.settings import Settings
 from conveyor.shared.store import Created, NewRun, RunStore, decode_any
 from conveyor.shared.waits import WaitResult, woken_message
 
+from ._results import Endings
 from ._schedules import Schedules
 
 if TYPE_CHECKING:
@@ -81,21 +81,12 @@ class RunHandle(Generic[R]):
         return await self._client.cancel(self.id)
 
     async def result(self, timeout: float | None = None) -> R:
-        """Wait for the run to end; return its output or raise RunFailed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.002
-        while True:
-            view = await self._client.store.status(self.id)
-            if view is None:
-                raise RunNotFound(self.id)
-            if view.status is RunStatus.COMPLETED:
-                return self._decode(view.output or b"null")
-            if view.status.is_terminal:
-                raise RunFailed(self.id, view.status.value, view.error)
-            if deadline is not None and time.monotonic() + pause > deadline:
-                raise ResultTimeout(self.id, timeout or 0.0, view.status.value)
-            await asyncio.sleep(pause)
-            pause = min(pause * 1.5, 0.1)
+        """Wait for the run to end; return its output or raise RunFailed (ResultTimeout
+        after `timeout` seconds). It wakes on the run's end notice (see _results.py)."""
+        view = await self._client.endings.wait(self.id, timeout)
+        if view.status is RunStatus.COMPLETED:
+            return self._decode(view.output or b"null")
+        raise RunFailed(self.id, view.status.value, view.error)
 
 
 class Client:
@@ -115,8 +106,12 @@ class Client:
         self.settings = settings or Settings.from_env(
             amqp_url=amqp_url, redis_url=redis_url, namespace=namespace
         )
-        self.redis: aioredis.Redis = redis_client(self.settings)
+        # Named, so that CLIENT LIST tells a client's connections from a worker's.
+        self.redis: aioredis.Redis = redis_client(
+            self.settings, client_name=f"conveyor-client:{self.settings.namespace}"
+        )
         self.store = RunStore(self.redis, self.settings)
+        self.endings = Endings(self.store, self.settings)
         self.topology = Topology(self.settings)
         self.publisher = Publisher(self.settings, self.topology)
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -154,6 +149,7 @@ class Client:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        await self.endings.aclose()
         await self.store.close()
         await self.redis.aclose()
 

@@ -154,10 +154,19 @@ class RunFailed(ConveyorError):
 
 
 class ResultTimeout(ConveyorError, TimeoutError):
-    def __init__(self, run_id: str, timeout: float, status: str) -> None:
-        super().__init__(f"run {run_id} did not finish within {timeout}s (status {status})")
+    """`status`: the run's last status read ('unknown' if none was); `unavailable`: why
+    Redis did not answer the last read, if it did not."""
+
+    def __init__(
+        self, run_id: str, timeout: float, status: str, unavailable: str | None = None
+    ) -> None:
+        message = f"run {run_id} did not finish within {timeout}s (status {status})"
+        if unavailable is not None:
+            message += f"; Redis did not answer the last read: {unavailable}"
+        super().__init__(message)
         self.run_id = run_id
         self.status = status
+        self.unavailable = unavailable
 
 
 class InvalidWait(ConveyorError, ValueError):

@@ -9,6 +9,9 @@ class Keys:
         self.namespace = namespace
         self.runs_index = f"{namespace}:runs"
         self.cancel_channel = f"{namespace}:cancel"
+        # Every script that ends a run publishes its id here (the channel derived in Lua
+        # from the run's key, so no script takes it as an argument); result() waits on it.
+        self.ended_channel = f"{namespace}:ended"
         # The scheduler's keys share the hash tag {sched}: its fenced scripts check the
         # leader lease and write beside it on one slot.
         self.leader = f"{namespace}:{{sched}}:leader"

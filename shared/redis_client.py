@@ -32,18 +32,23 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 HEALTH_CHECK_INTERVAL = 30
 
 
-def redis_client(settings: Settings, *, max_connections: int | None = None) -> aioredis.Redis:
+def redis_client(
+    settings: Settings, *, max_connections: int | None = None, client_name: str | None = None
+) -> aioredis.Redis:
     """The client for everything but the hot path's batches."""
-    return _client(settings, settings.redis_timeout, max_connections)
+    return _client(settings, settings.redis_timeout, max_connections, client_name)
 
 
 def hot_path_client(settings: Settings) -> aioredis.Redis:
     """The batcher's client: no timer per reply, the batcher bounds each batch."""
-    return _client(settings, None, None)
+    return _client(settings, None, None, None)
 
 
 def _client(
-    settings: Settings, socket_timeout: float | None, max_connections: int | None
+    settings: Settings,
+    socket_timeout: float | None,
+    max_connections: int | None,
+    client_name: str | None,
 ) -> aioredis.Redis:
     url = settings.redis_url
     options: dict[str, Any] = {
@@ -54,6 +59,8 @@ def _client(
     }
     if max_connections is not None:
         options["max_connections"] = max_connections
+    if client_name is not None:
+        options["client_name"] = client_name
     scheme = url.partition("://")[0].lower()
     try:
         if scheme in SENTINEL_SCHEMES:

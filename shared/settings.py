@@ -42,6 +42,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # connection); connecting, to Redis or RabbitMQ, has connect_timeout.
     redis_timeout: float = 10.0
     connect_timeout: float = 5.0
+    # A client waiting in result() reads every run it waits for again this often, in case
+    # the notice of a run's end was lost (its subscription reconnecting, Redis restarting).
+    result_recheck: float = 5.0
     # The scheduler leader's lease; a standby takes over within this long of its death.
     scheduler_lease_ttl: float = 10.0
     # A run that has not moved this long after it was due is republished by the reaper.
@@ -71,6 +74,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "publish_timeout",
             "redis_timeout",
             "connect_timeout",
+            "result_recheck",
             "delivery_limit",
             "max_crashes",
             "scheduler_lease_ttl",

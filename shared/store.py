@@ -620,6 +620,19 @@ class RunStore:
             return None
         return StatusView(RunStatus(status.decode()), output, error.decode() if error else None)
 
+    async def statuses(self, run_ids: Sequence[str]) -> list[StatusView | None]:
+        """status() of each run (None: no such run), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hmget(self.keys.run(run_id), ["status", "output", "error"])
+            replies: list[Any] = await pipe.execute()
+        return [
+            None
+            if status is None
+            else StatusView(RunStatus(status.decode()), output, error.decode() if error else None)
+            for status, output, error in replies
+        ]
+
     async def states(self, run_ids: Sequence[str]) -> list[RunState | None]:
         """The state of each run (None: no such run), in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -12,4 +12,7 @@ if (status ~= 'QUEUED' and status ~= 'DELAYED')
 end
 redis.call('HSET', KEYS[1], 'status', 'FAILED', 'error', ARGV[1], 'finished_at', now)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+-- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+redis.call('PUBLISH', ns .. ':ended', id)
 return 1

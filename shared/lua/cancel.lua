@@ -10,5 +10,8 @@ if status == 'COMPLETED' or status == 'FAILED' or status == 'CANCELED' or status
 end
 redis.call('HSET', KEYS[1], 'status', 'CANCELED', 'finished_at', now, 'lease_until', 0,
   'error', 'canceled on request')
+-- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+redis.call('PUBLISH', ns .. ':ended', id)
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
 return status

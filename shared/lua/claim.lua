@@ -90,6 +90,9 @@ if status == 'EXECUTING' then
     redis.call('EXPIRE', KEYS[1], ARGV[4])
     redis.call('EXPIRE', KEYS[2], ARGV[4])
     redis.call('EXPIRE', KEYS[3], ARGV[4])
+    -- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+    local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+    redis.call('PUBLISH', ns .. ':ended', id)
     return {'crashed', reason}
   end
   -- Not executing any more: a claim that does not start it now must not count it again.
@@ -104,6 +107,9 @@ if r[13] and r[4] == '0' and now >= tonumber(r[13]) then
   local reason = 'not started within its ttl of ' .. ttl .. 's (no worker took it in time)'
   redis.call('HSET', KEYS[1], 'status', 'EXPIRED', 'finished_at', now, 'error', reason)
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+  -- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+  local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+  redis.call('PUBLISH', ns .. ':ended', id)
   if r[10] then return {'drop', 'EXPIRED', r[10], r[11] or '', '', reason} end
   return {'drop', 'EXPIRED'}
 end

@@ -15,4 +15,7 @@ redis.call('HSET', KEYS[1], 'status', 'FAILED', 'error', ARGV[1], 'finished_at',
   'lease_until', 0, 'dead_letter', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+-- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+redis.call('PUBLISH', ns .. ':ended', id)
 return 'failed'

@@ -16,4 +16,7 @@ local reason = 'not started within its ttl of ' .. tonumber(r[4] or '0') / 1000
   .. 's (no worker took it in time)'
 redis.call('HSET', KEYS[1], 'status', 'EXPIRED', 'finished_at', now, 'error', reason)
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+-- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+redis.call('PUBLISH', ns .. ':ended', id)
 return {'expired', r[5] or '', r[6] or '', reason}

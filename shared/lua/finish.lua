@@ -62,4 +62,7 @@ redis.call('HSET', KEYS[1], unpack(fields))
 if run_status == 'COMPLETED' then redis.call('HDEL', KEYS[1], 'error') end
 if run_status == 'FAILED' then redis.call('HINCRBY', KEYS[1], 'failures', 1) end
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+-- Tell the result() waiters (conveyor/_results.py): the run id on '<namespace>:ended'.
+local ns, id = string.match(KEYS[1], '^([^{]*):{(.*)}:run$')
+redis.call('PUBLISH', ns .. ':ended', id)
 return {'ok', now}
