@@ -70,7 +70,13 @@ class CommandBatcher:
 
     async def _send(self, commands: list[Command], futures: list[asyncio.Future[Any]]) -> None:
         try:
-            replies = await self._round_trip(commands)
+            try:
+                replies = await self._round_trip(commands)
+            except RedisConnectionError:
+                # A pooled connection is found dead only when used (Redis restarted or
+                # failed over meanwhile): once more on a new one. Every command sent here
+                # is one its caller may repeat (a worker's Redis gate resends them anyway).
+                replies = await self._round_trip(commands)
         except Exception as exc:
             for future in futures:
                 if not future.done():
