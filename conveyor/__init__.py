@@ -22,6 +22,7 @@ from conveyor.shared.errors import (
     ConfigurationError,
     ConveyorError,
     InvalidArguments,
+    InvalidListing,
     InvalidOption,
     InvalidSchedule,
     InvalidWait,
@@ -43,7 +44,7 @@ from conveyor.shared.errors import (
 )
 from conveyor.shared.limits import Concurrency, RateLimit
 from conveyor.shared.logs import LogEntry
-from conveyor.shared.models import AttemptInfo, Run, RunStatus
+from conveyor.shared.models import AttemptInfo, Run, RunPage, RunStatus
 from conveyor.shared.retry import Retry
 from conveyor.shared.schedules import Schedule
 from conveyor.shared.settings import Settings
@@ -57,6 +58,7 @@ __all__ = [
     "ConveyorError",
     "Cron",
     "InvalidArguments",
+    "InvalidListing",
     "InvalidOption",
     "InvalidSchedule",
     "InvalidWait",
@@ -74,6 +76,7 @@ __all__ = [
     "RunHandle",
     "RunInfo",
     "RunNotFound",
+    "RunPage",
     "RunStatus",
     "Schedule",
     "ScheduleNotFound",

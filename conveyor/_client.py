@@ -36,7 +36,7 @@ from conveyor.shared.errors import (
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.logs import LogEntry
 from conveyor.shared.logs import decode as decode_logs
-from conveyor.shared.models import Run, RunMessage, RunStatus
+from conveyor.shared.models import Run, RunMessage, RunPage, RunStatus
 from conveyor.shared.names import check_name
 from conveyor.shared.redis_client import redis_client
 from conveyor.shared.schedules import ScheduleStore
@@ -427,9 +427,18 @@ class Client:
         return decode_logs(run_id, raws, attempt)
 
     async def list_runs(
-        self, *, task_id: str | None = None, status: RunStatus | None = None, limit: int = 50
-    ) -> list[Run]:
-        return await self.store.list(task_id=task_id, status=status, limit=limit)
+        self,
+        *,
+        task_id: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """The newest live runs (of a task, with a status), up to `limit`, and the cursor
+        of the next page: pass it back as `cursor` for the runs older than these. A page
+        with a status filter examines at most max(10 * limit, 1000) runs and can come
+        back short with a cursor; the cursor is None once no older run is left."""
+        return await self.store.list(task_id=task_id, status=status, limit=limit, cursor=cursor)
 
     async def cancel(self, run_id: str, *, children: bool = True) -> RunStatus:
         """Cancel a run that has not ended, and (unless `children=False`) the runs of its

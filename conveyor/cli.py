@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--task", default=None)
     listing.add_argument("--status", default=None, type=_status)
     listing.add_argument("--limit", type=_positive_int, default=20)
+    listing.add_argument(
+        "--cursor", default=None, help="the cursor a previous page printed: the runs older"
+    )
     listing.add_argument("--json", action="store_true")
     return parser
 
@@ -323,11 +326,20 @@ async def _client_command(args: argparse.Namespace) -> int:
             ]
             _out(args, data, text)
             return 0
-        runs = await client.list_runs(task_id=args.task, status=args.status, limit=args.limit)
+        page = await client.list_runs(
+            task_id=args.task, status=args.status, limit=args.limit, cursor=args.cursor
+        )
         lines = [
-            f"{r.id}  {r.task_id:<24} {r.status.value:<10} {_when(r.created_at)}" for r in runs
+            f"{r.id}  {r.task_id:<24} {r.status.value:<10} {_when(r.created_at)}" for r in page.runs
         ]
-        _out(args, [_run_dict(r) for r in runs], "\n".join(lines) or "no runs")
+        if page.cursor is None:
+            _out(args, [_run_dict(r) for r in page.runs], "\n".join(lines) or "no runs")
+        elif args.json:
+            # stdout stays the JSON list of runs; the cursor of the next page goes aside.
+            _out(args, [_run_dict(r) for r in page.runs], "")
+            print(f"next page: --cursor {page.cursor}", file=sys.stderr)
+        else:
+            print("\n".join([*lines, f"next page: --cursor {page.cursor}"]))
         return 0
 
 

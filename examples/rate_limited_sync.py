@@ -200,7 +200,7 @@ async def wait_for_ticks(client: Client, sample: list[str]) -> list[str]:
     """The ids of the first TICKS tick runs, once they exist; meanwhile keeps the first
     reason a throttled item run gave for waiting."""
     while True:
-        ticks = await client.list_runs(task_id=sync_catalog.id, limit=100)
+        ticks = (await client.list_runs(task_id=sync_catalog.id, limit=100)).runs
         for child in [c for tick in ticks for c in tick.children] if not sample else []:
             run = await client.get_run(child)
             if run.throttled:

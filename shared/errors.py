@@ -14,6 +14,7 @@ ConveyorError
 ├── RunLost                   this attempt no longer owns its run (taken over or ended)
 ├── RunNotFound               no run with that id (never existed or expired)
 ├── ScheduleNotFound          no schedule with that key
+├── InvalidListing            a runs listing's cursor or limit cannot be used (also a ValueError)
 ├── RunFailed                 a run ended in a terminal state other than COMPLETED
 ├── ResultTimeout             a run did not finish within the wait (also a TimeoutError)
 ├── RateLimited               raised by task code: the downstream said 429; pause and retry
@@ -167,6 +168,15 @@ class ResultTimeout(ConveyorError, TimeoutError):
         self.run_id = run_id
         self.status = status
         self.unavailable = unavailable
+
+
+class InvalidListing(ConveyorError, ValueError):
+    """A `list_runs` argument cannot be used; `field` names it (cursor, limit)."""
+
+    def __init__(self, field: str, value: object, detail: str) -> None:
+        super().__init__(f"invalid {field} {value!r}: {detail}")
+        self.field = field
+        self.value = value
 
 
 class InvalidWait(ConveyorError, ValueError):

@@ -7,7 +7,6 @@ from __future__ import annotations
 class Keys:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self.runs_index = f"{namespace}:runs"
         self.cancel_channel = f"{namespace}:cancel"
         # Every script that ends a run publishes its id here (the channel derived in Lua
         # from the run's key, so no script takes it as an argument); result() waits on it.
@@ -61,6 +60,15 @@ class Keys:
         """A concurrency limit's keys (shared/lua/slots.lua), sharing one slot."""
         tag = f"{self.namespace}:{{slots:{name}}}:"
         return [tag + part for part in ("holders", "owners", "counts", "parked", "meta")]
+
+    def runs_bucket(self, start_ms: int) -> str:
+        """The runs index's bucket of the runs created from `start_ms` (shared/runs_index.py),
+        each bucket in a slot of its own."""
+        return f"{self.namespace}:{{runs:{start_ms}}}"
+
+    def runs_task_bucket(self, task_id: str, start_ms: int) -> str:
+        """The same bucket for one task's runs, in a slot of its own too."""
+        return f"{self.namespace}:{{runs:{start_ms}:{task_id}}}"
 
     def idempotency(self, task_id: str, key: str) -> str:
         return f"{self.namespace}:idem:{task_id}:{key}"

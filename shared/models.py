@@ -126,3 +126,11 @@ class Run(msgspec.Struct, frozen=True):
     throttled: str | None = None
     # A run with a ttl: it ends EXPIRED if no attempt has started by then.
     expires_at: datetime | None = None
+
+
+class RunPage(msgspec.Struct, frozen=True):
+    """A page of `Client.list_runs`: runs newest first, and the cursor of the next page
+    (None when no older run is left to look at)."""
+
+    runs: list[Run]
+    cursor: str | None

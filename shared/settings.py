@@ -59,6 +59,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Added to the time the scheduler reads (Redis's TIME): a test hook that simulates a
     # scheduler whose clock is off. Leave it at 0.
     scheduler_clock_offset: float = 0.0
+    # Width of the runs index's time buckets (shared/runs_index.py). Tests make it small
+    # to cross bucket boundaries; leave it at its default, since a listing only finds the
+    # buckets of the width it is given.
+    run_index_bucket: float = 3600.0
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
@@ -82,6 +86,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "reap_interval",
             "dead_letters_max",
             "cron_catch_up",
+            "run_index_bucket",
         ):
             if getattr(self, field) <= 0:
                 raise ConfigurationError(f"{field} must be positive, got {getattr(self, field)!r}")

@@ -17,10 +17,11 @@ from redis.exceptions import ResponseError
 from . import tracing
 from .availability import Gate
 from .batcher import Arg, Command, CommandBatcher
-from .errors import RunLost
+from .errors import InvalidListing, RunLost
 from .keys import Keys
-from .models import Attempt, AttemptInfo, Run, RunMessage, RunStatus
+from .models import Attempt, AttemptInfo, Run, RunMessage, RunPage, RunStatus
 from .redis_client import hot_path_client
+from .runs_index import IndexReader, encode_cursor, index_write
 from .scripts import Scripts
 from .settings import Settings
 
@@ -319,7 +320,8 @@ class RunStore:
         """One create.lua call for runs of the same task, queue, tags, delay, parent, tick,
         ttl and trace."""
         first = runs[0]
-        keys = [self.keys.runs_index, self.keys.due]
+        index = index_write(self.keys, self.settings, first.task_id)
+        keys = [index.bucket, index.task_bucket, self.keys.due]
         args: list[Arg] = [
             first.task_id,
             first.queue,
@@ -333,6 +335,7 @@ class RunStore:
             first.ttl_ms,
             first.ttl_from_ms,
             first.trace,
+            index.expires_ms,
         ]
         for run in runs:
             run_key = self.keys.run(run.run_id)
@@ -714,48 +717,47 @@ class RunStore:
         return out
 
     async def get(self, run_id: str) -> Run | None:
+        [run] = await self.get_many([run_id])
+        return run
+
+    async def get_many(self, run_ids: Sequence[str]) -> list[Run | None]:
+        """Runs by id in one round trip, None for those that do not exist."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.run(run_id))
-            pipe.hkeys(self.keys.steps(run_id))
-            pipe.lrange(self.keys.children(run_id), 0, -1)
-            fields, steps, children = await pipe.execute()
-        if not fields or b"status" not in fields:
-            return None
-        run = _to_run(run_id, fields, sorted(s.decode() for s in steps))
-        return msgspec.structs.replace(run, children=[c.decode() for c in children])
+            for run_id in run_ids:
+                pipe.hgetall(self.keys.run(run_id))
+                pipe.hkeys(self.keys.steps(run_id))
+                pipe.lrange(self.keys.children(run_id), 0, -1)
+            replies = await pipe.execute()
+        runs: list[Run | None] = []
+        for n, run_id in enumerate(run_ids):
+            fields, steps, children = replies[3 * n : 3 * n + 3]
+            if not fields or b"status" not in fields:
+                runs.append(None)
+                continue
+            run = _to_run(run_id, fields, sorted(s.decode() for s in steps))
+            runs.append(msgspec.structs.replace(run, children=[c.decode() for c in children]))
+        return runs
 
     async def list(
-        self, *, task_id: str | None = None, status: RunStatus | None = None, limit: int = 50
-    ) -> list[Run]:
-        """Newest first; filters are applied while paging through the index."""
-        found: list[Run] = []
-        start, page = 0, max(limit, 100)
-        while len(found) < limit:
-            ids: list[Any] = await self.redis.zrevrange(
-                self.keys.runs_index, start, start + page - 1
-            )
-            if not ids:
-                break
-            start += page
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for raw_id in ids:
-                    pipe.hmget(self.keys.run(raw_id.decode()), ["task", "status"])
-                heads = await pipe.execute()
-            gone = [raw_id for raw_id, head in zip(ids, heads, strict=True) if head[1] is None]
-            if gone:
-                await self.redis.zrem(self.keys.runs_index, *gone)
-            wanted = [
-                raw_id.decode()
-                for raw_id, (task, st) in zip(ids, heads, strict=True)
-                if st is not None
-                and (task_id is None or task == task_id.encode())
-                and (status is None or st == status.value.encode())
-            ]
-            for run_id in wanted[: limit - len(found)]:
-                run = await self.get(run_id)
-                if run is not None:
-                    found.append(run)
-        return found
+        self,
+        *,
+        task_id: str | None = None,
+        status: RunStatus | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Newest first, from the runs index (shared/runs_index.py)."""
+        if limit < 1:
+            raise InvalidListing("limit", limit, "a page holds at least 1 run")
+        reader = IndexReader(self.redis, self.keys, self.settings)
+        listed = await reader.page(task_id, status, limit, cursor)
+        runs = [
+            run
+            for run in await self.get_many(listed.run_ids)
+            # A run that ended (or expired) since the index was read.
+            if run is not None and (status is None or run.status is status)
+        ]
+        return RunPage(runs, encode_cursor(listed.cursor) if listed.cursor else None)
 
 
 def _to_run(run_id: str, f: dict[bytes, bytes], steps: list[str]) -> Run:

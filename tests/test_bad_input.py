@@ -145,7 +145,7 @@ async def test_bad_messages_are_dead_lettered_and_the_worker_keeps_working(
     still = await tasks.echo.trigger("still")
     assert await still.result(timeout=20) == "still"
     assert proc.proc.poll() is None
-    runs = await client.list_runs()
+    runs = (await client.list_runs()).runs
     assert sorted(r.payload["value"] for r in runs) == ["after", "before", "still"]
     assert {r.status for r in runs} == {RunStatus.COMPLETED}
 
@@ -184,7 +184,7 @@ async def test_wrong_arguments_are_refused_at_trigger(client: Client) -> None:
         await client.trigger("echo", {"value": object()})
     with pytest.raises(InvalidArguments, match="'nope'"):
         await tasks.echo.batch_trigger([{"value": "ok"}, {"value": "a", "nope": 1}])
-    assert await client.list_runs() == [], "a refused trigger creates no run"
+    assert (await client.list_runs()).runs == [], "a refused trigger creates no run"
 
 
 async def test_oversize_payload_is_refused_at_trigger(client: Client, settings: Settings) -> None:
@@ -206,7 +206,7 @@ async def test_oversize_payload_is_refused_at_trigger(client: Client, settings: 
             await limited.trigger("echo", {"value": "x" * 89})
         with pytest.raises(PayloadTooLarge):
             await tasks.echo.batch_trigger([{"value": "a"}, {"value": "x" * 500}])
-    assert [r.id for r in await client.list_runs()] == [accepted.id]
+    assert [r.id for r in (await client.list_runs()).runs] == [accepted.id]
 
 
 ODD_HEADERS: dict[str, Any] = {
@@ -280,7 +280,7 @@ async def test_options_over_their_bounds_are_refused_at_trigger(client: Client) 
     )
     accepted = await edge.trigger("x")
     assert (await accepted.get()).tags == ["t" * MAX_TAG_CHARS] * MAX_TAGS
-    assert [r.id for r in await client.list_runs()] == [accepted.id]
+    assert [r.id for r in (await client.list_runs()).runs] == [accepted.id]
 
 
 @task(id="anything")

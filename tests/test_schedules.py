@@ -194,7 +194,9 @@ async def test_declared_schedules_fire(
     try:
 
         async def fired() -> list[Any]:
-            runs = await client.list_runs(task_id="declared-tick", status=RunStatus.COMPLETED)
+            runs = (
+                await client.list_runs(task_id="declared-tick", status=RunStatus.COMPLETED)
+            ).runs
             return runs if {r.output[0] for r in runs} == {"two", "every"} else []
 
         runs = await eventually(fired, timeout=30, interval=0.2)

@@ -85,7 +85,7 @@ async def test_not_recorded_before_the_publish_raises_unpublished(
             assert "not published; it will not start" in str(incomplete.value)
         assert await _queued(own_settings, "echo") == 1  # only the warm-up run's
         own_redis.start()
-        assert [r.payload for r in await client.list_runs()] == []
+        assert [r.payload for r in (await client.list_runs()).runs] == []
 
 
 async def test_a_refused_publish_fails_the_run_unless_it_started(

@@ -54,7 +54,7 @@ async def test_same_key_same_task_returns_the_existing_run(
     again = await bound.trigger("second")
     assert again.id == handles[0].id
     assert await again.result(timeout=1) == "first"
-    runs = await client.list_runs(task_id="echo")
+    runs = (await client.list_runs(task_id="echo")).runs
     assert [run.id for run in runs] == [handles[0].id]
     assert runs[0].idempotency_key == "order-17"
     assert len(runs[0].attempts) == 1
@@ -258,19 +258,19 @@ async def test_list_runs_filters_by_task_and_status(client: Client, worker: Work
     with pytest.raises(RunFailed):
         await fatal.result(timeout=10)
 
-    listed = await client.list_runs(task_id="echo")
+    listed = (await client.list_runs(task_id="echo")).runs
     assert {run.id for run in listed} == {h.id for h in echoes}
     assert [run.created_at for run in listed] == sorted(
         (run.created_at for run in listed), reverse=True
     )
-    assert [run.id for run in await client.list_runs(status=RunStatus.FAILED)] == [fatal.id]
-    completed = await client.list_runs(status=RunStatus.COMPLETED)
+    assert [run.id for run in (await client.list_runs(status=RunStatus.FAILED)).runs] == [fatal.id]
+    completed = (await client.list_runs(status=RunStatus.COMPLETED)).runs
     assert {run.id for run in completed} == {nop.id, *(h.id for h in echoes)}
-    assert await client.list_runs(task_id="echo", status=RunStatus.FAILED) == []
-    assert len(await client.list_runs(task_id="echo", status=RunStatus.COMPLETED)) == 2
-    assert len(await client.list_runs()) == 4
-    assert len(await client.list_runs(limit=1)) == 1
-    assert await client.list_runs(task_id="no-such-task") == []
+    assert (await client.list_runs(task_id="echo", status=RunStatus.FAILED)).runs == []
+    assert len((await client.list_runs(task_id="echo", status=RunStatus.COMPLETED)).runs) == 2
+    assert len((await client.list_runs()).runs) == 4
+    assert len((await client.list_runs(limit=1)).runs) == 1
+    assert (await client.list_runs(task_id="no-such-task")).runs == []
 
 
 async def test_unknown_run_id_raises_run_not_found(client: Client) -> None:

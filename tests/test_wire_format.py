@@ -148,7 +148,7 @@ async def test_run_ids_without_id_and_duplicates(
     assert delivery.acked
 
     async def three_completed() -> list[Any]:
-        found = await client.list_runs(task_id="resize-image", status=RunStatus.COMPLETED)
+        found = (await client.list_runs(task_id="resize-image", status=RunStatus.COMPLETED)).runs
         return found if len(found) == 3 else []
 
     ids = {r.id for r in await eventually(three_completed, timeout=15)}
@@ -157,7 +157,7 @@ async def test_run_ids_without_id_and_duplicates(
     assert named.startswith("run_")
     assert sorted(EXECUTIONS) == sorted(ids), "each run executed once"
     assert (await client.get_run(named)).payload == {"url": "a.jpg"}
-    assert len(await client.list_runs()) == 3
+    assert len((await client.list_runs()).runs) == 3
 
 
 async def test_idempotency_key_over_the_wire(
@@ -169,7 +169,7 @@ async def test_idempotency_key_over_the_wire(
         await trigger(settings.amqp_url, settings.namespace, "resize-image", {**base, "id": run_id})
 
     async def completed() -> list[Any]:
-        return await client.list_runs(task_id="resize-image", status=RunStatus.COMPLETED)
+        return (await client.list_runs(task_id="resize-image", status=RunStatus.COMPLETED)).runs
 
     [run] = await eventually(completed, timeout=15)
     assert run.id in ("wire-a", "wire-b") and run.idempotency_key == "order-42"
@@ -181,7 +181,7 @@ async def test_idempotency_key_over_the_wire(
     finally:
         await r.aclose()
     await asyncio.sleep(0.2)  # the other message has been dropped, not run late
-    assert len(await client.list_runs()) == 1
+    assert len((await client.list_runs()).runs) == 1
 
 
 async def test_publishing_without_a_queue_is_returned(settings: Settings, client: Client) -> None:

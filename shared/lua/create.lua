@@ -1,18 +1,20 @@
 -- Create runs of one task, or return the existing run of a live idempotency key.
--- KEYS: runs index, due index, then per run: run, idempotency (or the run key again when unused)
+-- KEYS: runs index bucket, the task's bucket (shared/runs_index.py), due index, then per run:
+--       run, idempotency (or the run key again when unused)
 -- ARGV: task, queue, tags, delay_ms, idem_ttl_ms, parent run ('' for none), root run,
 --       scheduled_at (epoch ms of the cron tick that makes the runs, 0: none),
 --       concurrency key ('' for none),
 --       ttl_ms (0: none; the run ends EXPIRED if not started ttl_ms after its delay),
 --       ttl_from (epoch ms the ttl counts from instead, 0: none; a wire message's not_before),
---       trace context ('' for none),
+--       trace context ('' for none), epoch ms at which the index buckets expire,
 --       then per run: run_id, payload, idem_key, parent step
 -- Returns per run: 1 and its id (created), 2 and its id (it was there already), or 0 and
 -- the id of the run its idempotency key belongs to.
 -- A child run (with a parent) records its parent, the parent's step waiting for it (if any)
 -- and the root of its tree.
 -- Each new run enters the due index at the time it should start by: the reaper republishes
--- it if nothing has moved it some time after that (scheduler/reaper.py).
+-- it if nothing has moved it some time after that (scheduler/reaper.py), and both
+-- index buckets scored by its creation time.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local task, queue, tags, delay, idem_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
@@ -20,13 +22,13 @@ local parent, root, scheduled, ckey = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local ttl = tonumber(ARGV[10])
 local expires = now + delay + ttl
 if ARGV[11] ~= '0' then expires = tonumber(ARGV[11]) + ttl end
-local trace = ARGV[12]
+local trace, index_expires = ARGV[12], ARGV[13]
 local status = 'QUEUED'
 if delay > 0 then status = 'DELAYED' end
-local out = {}
-for i = 1, (#KEYS - 2) / 2 do
-  local run_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
-  local run_id, payload, idem = ARGV[4 * i + 9], ARGV[4 * i + 10], ARGV[4 * i + 11]
+local out, indexed = {}, {}
+for i = 1, (#KEYS - 3) / 2 do
+  local run_key, idem_key = KEYS[2 * i + 2], KEYS[2 * i + 3]
+  local run_id, payload, idem = ARGV[4 * i + 10], ARGV[4 * i + 11], ARGV[4 * i + 12]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', idem_key)
@@ -52,13 +54,20 @@ for i = 1, (#KEYS - 2) / 2 do
         'attempt', 0, 'failures', 0, 'crashes', 0)
       if parent ~= '' then
         redis.call('HSET', run_key, 'parent', parent, 'root', root)
-        if ARGV[4 * i + 12] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 12]) end
+        if ARGV[4 * i + 13] ~= '' then redis.call('HSET', run_key, 'parent_step', ARGV[4 * i + 13]) end
       end
-      redis.call('ZADD', KEYS[1], now, run_id)
-      redis.call('ZADD', KEYS[2], now + delay, run_id)
+      indexed[#indexed + 1] = now
+      indexed[#indexed + 1] = run_id
+      redis.call('ZADD', KEYS[3], now + delay, run_id)
     end
     out[#out + 1] = code
     out[#out + 1] = run_id
+  end
+end
+if #indexed > 0 then
+  for k = 1, 2 do
+    redis.call('ZADD', KEYS[k], unpack(indexed))
+    redis.call('PEXPIREAT', KEYS[k], index_expires)
   end
 end
 return out
