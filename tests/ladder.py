@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
@@ -51,15 +52,19 @@ async def _consuming(
     elected: tried again for a while."""
     deadline = asyncio.get_running_loop().time() + 30
     while True:
-        connection = await aio_pika.connect(settings.amqp_url)
+        connection: AbstractConnection | None = None
         try:
+            connection = await aio_pika.connect(settings.amqp_url)
             channel = await connection.channel()
             # Declared again as the publisher did, which also shows the queues came back.
             work = await Topology(settings).declare_queue(channel, QUEUE)
             await work.consume(consume, no_ack=True)
             return connection
-        except AMQPError:
-            await connection.close()
+        except (AMQPError, OSError):
+            if connection is not None:
+                # Closing a connection the broker already closed raises its reason again.
+                with suppress(AMQPError, OSError):
+                    await connection.close()
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.5)

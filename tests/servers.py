@@ -57,7 +57,9 @@ class OwnRedis:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
             args += ["--dir", str(self.data_dir)]
         else:
-            args += ["--appendonly", "no"]
+            # A replica's full sync then streams, writing no dump.rdb into the working dir.
+            args += ["--appendonly", "no", "--repl-diskless-sync", "yes"]
+            args += ["--repl-diskless-sync-delay", "0"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
@@ -461,6 +463,8 @@ class SentinelGroup:
                 "",
                 "--appendonly",
                 "no",
+                "--dir",
+                str(directory),
                 *self.replica_args,
             ],
             stdout=subprocess.DEVNULL,

@@ -121,6 +121,12 @@ async def test_a_paused_leader_writes_nothing_when_it_resumes(
     schedulers: list[SchedulerProcess] = [spawn_scheduler(), spawn_scheduler()]
     epoch, pid = await wait_leader(settings)
     [paused] = [s for s in schedulers if s.proc.pid == pid]
+
+    async def told() -> bool:
+        return "leads" in paused.output()
+
+    # Paused only once it said so, else its own "leads" would be printed after it resumes.
+    await eventually(told, timeout=10)
     paused.kill(signal.SIGSTOP)
     try:
         new_epoch, _ = await wait_leader(settings, other_than=pid)
