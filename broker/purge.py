@@ -11,12 +11,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import aio_pika
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from conveyor.shared.keys import Keys
-from conveyor.shared.redis_client import redis_client
+from conveyor.shared.redis_client import Redis, redis_client
 from conveyor.shared.settings import Settings
 
 from .topology import Names, Topology
@@ -56,7 +55,7 @@ async def _has_classic_ladder(connection: AbstractConnection, names: Names) -> b
     return True
 
 
-async def _queues_of_runs(r: aioredis.Redis, keys: Keys) -> set[str]:
+async def _queues_of_runs(r: Redis, keys: Keys) -> set[str]:
     found: set[str] = set()
     run_keys = [k async for k in r.scan_iter(match=keys.run("*"), count=1000)]
     if not run_keys:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aio_pika
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from conveyor.broker.publisher import Outgoing, Publisher
@@ -38,7 +37,7 @@ from conveyor.shared.logs import LogEntry
 from conveyor.shared.logs import decode as decode_logs
 from conveyor.shared.models import Run, RunMessage, RunPage, RunStatus
 from conveyor.shared.names import check_name
-from conveyor.shared.redis_client import redis_client
+from conveyor.shared.redis_client import Redis, redis_client
 from conveyor.shared.schedules import ScheduleStore
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import Created, NewRun, RunStore, decode_any
@@ -107,7 +106,7 @@ class Client:
             amqp_url=amqp_url, redis_url=redis_url, namespace=namespace
         )
         # Named, so that CLIENT LIST tells a client's connections from a worker's.
-        self.redis: aioredis.Redis = redis_client(
+        self.redis: Redis = redis_client(
             self.settings, client_name=f"conveyor-client:{self.settings.namespace}"
         )
         self.store = RunStore(self.redis, self.settings)

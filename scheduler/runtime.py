@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import aio_pika
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from conveyor.broker.publisher import Publisher
 from conveyor.broker.topology import Topology
-from conveyor.shared.redis_client import redis_client
+from conveyor.shared.redis_client import Redis, redis_client
 from conveyor.shared.scripts import Scripts
 from conveyor.shared.settings import Settings
 from conveyor.shared.store import RunStore
@@ -24,7 +23,7 @@ class Runtime:
         self.settings = settings
         self.name = name
         # Bounded like the worker's: a hung Redis must not stall the lease loop for ever.
-        self.redis: aioredis.Redis = redis_client(settings)
+        self.redis: Redis = redis_client(settings)
         self.store = RunStore(self.redis, settings)
         self.keys = self.store.keys
         self.scripts = Scripts(self.store.batcher, SCRIPTS)

@@ -11,6 +11,11 @@ asyncio connection packs commands in Python and puts a timer around every reply.
 hiredis packs the whole batch and one timeout bounds it, on the connections of the same
 client (plain, TLS or Sentinel-managed), so every option of the URL applies. A batch that
 times out or fails drops its connection: the replies still owed would answer the next one.
+
+On a Redis Cluster a batch goes through redis-py's cluster pipeline instead, which sends
+each node its commands and follows MOVED and failovers; the batching per loop turn is the
+same. Replies then pass redis-py's parsers (a PEXPIRE answers True, not 1): the hot path
+sends scripts, whose replies no parser touches.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -29,10 +35,10 @@ Command = tuple[Arg, ...]
 
 
 class CommandBatcher:
-    def __init__(self, client: aioredis.Redis, *, timeout: float) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, *, timeout: float) -> None:
         """`client` should have no socket_timeout of its own: `timeout` bounds each batch
         (connecting included) instead of a timer per reply."""
-        self._pool = client.connection_pool
+        self.client = client
         self.timeout = timeout
         self._commands: list[Command] = []
         self._futures: list[asyncio.Future[Any]] = []
@@ -56,10 +62,21 @@ class CommandBatcher:
             raise reply
         return reply
 
+    async def load_script(self, source: str) -> None:
+        """SCRIPT LOAD, on every primary of a cluster."""
+        if isinstance(self.client, RedisCluster):
+            async with asyncio.timeout(self.timeout):
+                await self.client.script_load(source)
+        else:
+            await self.execute("SCRIPT", "LOAD", source)
+
     async def close(self) -> None:
         if self._in_flight is not None:
             await asyncio.wait([self._in_flight])
-        await self._pool.disconnect()
+        if isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.connection_pool.disconnect()
 
     def _flush(self) -> None:
         if self._in_flight is not None or not self._futures:
@@ -93,7 +110,10 @@ class CommandBatcher:
                 asyncio.get_running_loop().call_soon(self._flush)
 
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
-        conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        if isinstance(self.client, RedisCluster):
+            return await self._cluster_round_trip(self.client, commands)
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             async with asyncio.timeout(self.timeout):
                 await conn.send_packed_command(
@@ -117,4 +137,22 @@ class CommandBatcher:
             await conn.disconnect(nowait=True)
             raise
         finally:
-            await self._pool.release(conn)
+            await pool.release(conn)
+
+    async def _cluster_round_trip(
+        self, cluster: RedisCluster, commands: list[Command]
+    ) -> list[Any]:
+        pipe = cluster.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not answer within {self.timeout}s") from None
+        for reply in replies:
+            # Only error replies are answers; a node lost past the pipeline's own retries
+            # fails the batch as a lost connection does.
+            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                raise reply
+        return replies

@@ -20,11 +20,11 @@ import time
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from .errors import InvalidListing
 from .keys import Keys
 from .models import RunStatus
+from .redis_client import Redis
 from .settings import Settings
 
 # Buckets whose tops are read in one round trip while a listing crosses empty windows.
@@ -104,7 +104,7 @@ class Listed(msgspec.Struct, frozen=True, gc=False):
 class IndexReader:
     """Walks the buckets of the whole namespace or of one task, newest first."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, settings: Settings) -> None:
+    def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
         self.redis = redis
         self.keys = keys
         self.width = bucket_width_ms(settings)

@@ -13,13 +13,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from .batcher import CommandBatcher
 from .cron import Spec, check_key, spec
 from .errors import InvalidSchedule, ScheduleNotFound
 from .keys import Keys
 from .names import check_name
+from .redis_client import Redis
 from .scripts import Scripts
 
 
@@ -110,7 +110,7 @@ def default_key(record: ScheduleRecord) -> str:
 
 
 class ScheduleStore:
-    def __init__(self, redis: aioredis.Redis, batcher: CommandBatcher, keys: Keys) -> None:
+    def __init__(self, redis: Redis, batcher: CommandBatcher, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts(batcher, ["sched_put"])

@@ -44,7 +44,7 @@ class Scripts:
         hot path awaits the batcher itself and comes here only on an error."""
         if not isinstance(error, NoScriptError):
             raise error
-        await self.batcher.execute("SCRIPT", "LOAD", self._source[name])
+        await self.batcher.load_script(self._source[name])
         reply = await self.batcher.call(*command)
         if isinstance(reply, ResponseError):
             raise reply

@@ -11,16 +11,17 @@ from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 import msgspec
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from . import tracing
 from .availability import Gate
 from .batcher import Arg, Command, CommandBatcher
+from .cluster_create import create_in_cluster
 from .errors import InvalidListing, RunLost
 from .keys import Keys
 from .models import Attempt, AttemptInfo, Run, RunMessage, RunPage, RunStatus
-from .redis_client import hot_path_client
+from .redis_client import Redis, hot_path_client
 from .runs_index import IndexReader, encode_cursor, index_write
 from .scripts import Scripts
 from .settings import Settings
@@ -194,11 +195,12 @@ class StatusView(msgspec.Struct, frozen=True):
 
 
 class RunStore:
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.batcher = CommandBatcher(hot_path_client(settings), timeout=settings.redis_timeout)
+        self.cluster = isinstance(self.batcher.client, RedisCluster)
         self.scripts = Scripts(
             self.batcher,
             [
@@ -217,6 +219,7 @@ class RunStore:
                 "token_create",
                 "token_wait",
                 "token_complete",
+                "idem_claim",
             ],
         )
         # Set by a worker: claim, checkpoint and finish then wait there while Redis is
@@ -282,10 +285,11 @@ class RunStore:
                 run.trace,
             )
             groups.setdefault(group, []).append(i)
+        size = 1 if self.cluster else CREATE_CHUNK  # on a cluster each run has its slot
         chunks = [
-            positions[start : start + CREATE_CHUNK]
+            positions[start : start + size]
             for positions in groups.values()
-            for start in range(0, len(positions), CREATE_CHUNK)
+            for start in range(0, len(positions), size)
         ]
         try:
             replies = await asyncio.gather(
@@ -320,9 +324,7 @@ class RunStore:
         """One create.lua call for runs of the same task, queue, tags, delay, parent, tick,
         ttl and trace."""
         first = runs[0]
-        index = index_write(self.keys, self.settings, first.task_id)
-        keys = [index.bucket, index.task_bucket, self.keys.due]
-        args: list[Arg] = [
+        head: list[Arg] = [
             first.task_id,
             first.queue,
             msgspec.json.encode(first.tags),
@@ -335,8 +337,27 @@ class RunStore:
             first.ttl_ms,
             first.ttl_from_ms,
             first.trace,
-            index.expires_ms,
         ]
+        if self.cluster:
+            per_run: list[Arg] = [
+                first.payload,
+                first.idempotency_key or "",
+                first.parent_step or "",
+            ]
+            return await create_in_cluster(
+                self.scripts,
+                self.batcher,
+                self.keys,
+                self.settings,
+                head,
+                first.run_id,
+                first.task_id,
+                first.delay_ms,
+                per_run,
+            )
+        index = index_write(self.keys, self.settings, first.task_id)
+        keys = [index.bucket, index.task_bucket, self.keys.due]
+        args = [*head, index.expires_ms, ""]
         for run in runs:
             run_key = self.keys.run(run.run_id)
             idem = run.idempotency_key or ""

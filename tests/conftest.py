@@ -16,6 +16,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported here, at the top of the stack: hypothesis's pytest plugin imports it lazily at
+# the end of a session that ran no hypothesis test, deep enough in the stack that
+# CPython 3.11.7's parser fails with "AST constructor recursion depth mismatch".
+import hypothesis  # noqa: F401
 import pytest
 
 from conveyor import Client, Settings

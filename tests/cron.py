@@ -5,16 +5,15 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from conveyor import Client, RunStatus, Settings
+from conveyor.shared.redis_client import redis_client
 from tests.conftest import eventually
 from tests.faults import trace
 
 
 async def tick_runs(settings: Settings, key: str) -> dict[int, str]:
     """Scheduled time (epoch ms) -> run id, for every run of schedule `key`."""
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         found = [
             k.decode().split("{", 1)[1].rsplit("}", 1)[0]

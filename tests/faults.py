@@ -21,13 +21,13 @@ import signal
 from typing import Any
 
 import aio_pika
-import redis.asyncio as aioredis
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from conveyor import Settings
 from conveyor.broker.delay import LEVELS
 from conveyor.broker.topology import Names
 from conveyor.shared.models import RunStatus
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.store import Finish, RunStore
 from tests.tasks import trace_key
 
@@ -102,7 +102,7 @@ if os.environ.get(LOSE_SLOT_WAKES) == "1":
 
 async def trace(settings: Settings, run_id: str) -> list[str]:
     """The events tests/tasks.py recorded for a run, in order (`event@attempt`)."""
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         events = await r.lrange(trace_key(run_id), 0, -1)
         return [e.decode() if isinstance(e, bytes) else e for e in events]
@@ -111,7 +111,7 @@ async def trace(settings: Settings, run_id: str) -> list[str]:
 
 
 async def drop_traces(settings: Settings, *run_ids: str) -> None:
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         await r.delete(*(trace_key(i) for i in run_ids))
     finally:

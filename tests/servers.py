@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -527,3 +528,127 @@ class SentinelGroup:
             proc.wait()
         self.primary.kill()
         self.replica.kill()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above) is free too."""
+    for _ in range(100):
+        port = random.randrange(20000, 30000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+class RedisClusterGroup:
+    """A Redis Cluster of three primaries with one replica each (`redis-cli --cluster
+    create`), its nodes' files in `directory`. A node can be killed to make its replica
+    take over."""
+
+    def __init__(self, directory: Path) -> None:
+        if shutil.which("redis-cli") is None:
+            pytest.fail("this test creates a Redis Cluster: install Redis (redis-cli)")
+        self.dir = directory
+        self.ports = [_cluster_port() for _ in range(6)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        for port in self.ports:
+            self._start(port)
+        created = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        if created.returncode != 0:
+            self.close()
+            raise AssertionError(f"redis-cli --cluster create failed: {created.stdout!r}")
+        self.await_ok()
+
+    def _start(self, port: int) -> None:
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                str(node_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                redis.Redis(port=port).ping()
+                return
+            time.sleep(0.05)
+        raise AssertionError("a cluster node did not start")
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:3])
+
+    def primaries(self) -> list[int]:
+        """The ports of the primaries, as a live node sees them."""
+        for port in self.procs:
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                lines = redis.Redis(port=port).execute_command("CLUSTER", "NODES")
+                text = lines.decode() if isinstance(lines, bytes) else str(lines)
+                return sorted(
+                    int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    for fields in (line.split() for line in text.splitlines())
+                    if "master" in fields[2] and "fail" not in fields[2]
+                )
+        raise AssertionError("no cluster node answers")
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait()
+
+    def await_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says cluster_state:ok (all slots served)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for port in self.procs:
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    states.append(redis.Redis(port=port).cluster("INFO")["cluster_state"])
+            if states and all(state == "ok" for state in states) and len(self.primaries()) == 3:
+                return
+            time.sleep(0.2)
+        raise AssertionError("the Redis Cluster did not reach cluster_state:ok")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait()
+        self.procs.clear()

@@ -14,12 +14,12 @@ import time
 from datetime import datetime
 
 import msgspec
-import redis.asyncio as aioredis
 
 from conveyor import (
     NonRetryableError,
     Retry,
     RunFailed,
+    Settings,
     TokenTimeout,
     create_token,
     current_run,
@@ -30,6 +30,7 @@ from conveyor import (
     wait_for_token,
 )
 from conveyor.shared.context import current_context
+from conveyor.shared.redis_client import Redis, redis_client
 
 
 class Point(msgspec.Struct):
@@ -43,19 +44,17 @@ class Box:
     created: datetime
 
 
-_redis: dict[int, aioredis.Redis] = {}
+_redis: dict[int, Redis] = {}
 
 
-def _r() -> aioredis.Redis:
+def _r() -> Redis:
     # Inside a run, the worker's own Redis (from its settings): traces land beside the run.
     ctx = current_context()
     if ctx is not None:
         return ctx.store.redis
     loop = id(asyncio.get_running_loop())
     if loop not in _redis:
-        _redis[loop] = aioredis.Redis.from_url(
-            os.environ.get("CONVEYOR_REDIS_URL", "redis://127.0.0.1:6379/0")
-        )
+        _redis[loop] = redis_client(Settings())
     return _redis[loop]
 
 

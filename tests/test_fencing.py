@@ -13,12 +13,12 @@ from typing import Any
 import aio_pika
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 
 from conveyor import Client, RunStatus, Settings
 from conveyor.broker.topology import Names
 from conveyor.shared.errors import RunLost
 from conveyor.shared.models import RunMessage
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.store import NewRun, RunStore
 from tests import tasks
 from tests.conftest import WorkerProcess, eventually
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 async def store(settings: Settings, client: Client) -> Any:
     quick = msgspec.structs.replace(settings, lease_ttl=0.3)
-    r = aioredis.Redis.from_url(quick.redis_url)
+    r = redis_client(quick)
     s = RunStore(r, quick)
     yield s
     await s.close()

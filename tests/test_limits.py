@@ -10,11 +10,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from conveyor import Client, Concurrency, RateLimit, RateLimited, RunStatus, Settings, task
 from conveyor.shared.errors import TaskDefinitionError
 from conveyor.shared.limiter import Limiter
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.store import RunStore
 from tests import limit_tasks
 from tests.conftest import eventually
@@ -97,7 +97,7 @@ async def test_bad_concurrency_key_is_refused(client: Client) -> None:
 
 @pytest.fixture
 async def limiter(settings: Settings) -> Any:
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     store = RunStore(r, settings)
     yield Limiter(store)
     await store.close()
@@ -167,7 +167,7 @@ async def test_slots_of_a_dead_worker_free_and_lost_wakes_repeat(
 
 
 async def _starts(settings: Settings, task_id: str) -> list[tuple[float, str, int]]:
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         raw = await r.lrange(starts_key(settings.namespace, task_id), 0, -1)
     finally:
@@ -242,7 +242,7 @@ async def test_concurrency_limit_across_workers_and_a_killed_worker(
     b = spawn_worker("tests.limit_tasks", "--concurrency", "10")
     handles = await limit_tasks.holds_a_slot.batch_trigger([{"seconds": 0.4}] * 15)
     await _all_done(client, handles, 60)
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         seen = [
             int(x)

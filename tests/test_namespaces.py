@@ -15,11 +15,11 @@ from typing import Any
 import aio_pika
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 
 from conveyor import Client, RunFailed, RunNotFound, RunStatus, Settings
 from conveyor.broker.delay import LEVELS
 from conveyor.broker.topology import Names
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import cleanup, eventually
@@ -101,7 +101,7 @@ async def _probe_broker(settings: Settings) -> dict[str, Any]:
 
 
 async def _redis_keys(settings: Settings) -> list[str]:
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         return [k.decode() async for k in r.scan_iter(count=1000)]
     finally:

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from conveyor import Client, ResultTimeout, RunFailed, RunStatus, Settings
 from conveyor.shared.keys import Keys
+from conveyor.shared.redis_client import redis_client
 from tests import tasks
 from tests.conftest import Services, cleanup, eventually
 from tests.servers import OwnRedis
@@ -39,7 +40,7 @@ def settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     yield r
     await r.aclose()
 

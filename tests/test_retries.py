@@ -24,6 +24,7 @@ from conveyor.broker.delay import (
 )
 from conveyor.broker.topology import Names
 from conveyor.shared.models import Run, RunMessage
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import eventually
@@ -256,7 +257,7 @@ async def test_failed_after_max_attempts_with_the_last_error(
 
 @pytest.fixture
 async def r(client: Client) -> AsyncIterator[aioredis.Redis]:
-    conn = aioredis.Redis.from_url(client.settings.redis_url)
+    conn = redis_client(client.settings)
     yield conn
     await conn.aclose()
 

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from conveyor import Client, InvalidListing, Run, RunStatus, Settings
 from conveyor.shared.keys import Keys
+from conveyor.shared.redis_client import redis_client
 from tests import tasks
 from tests.conftest import cleanup
 from tests.test_cli import conveyor
@@ -36,7 +37,7 @@ async def small_client(small: Settings) -> AsyncIterator[Client]:
 
 @pytest.fixture
 async def redis(small: Settings) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(small.redis_url)
+    r = redis_client(small)
     yield r
     await r.aclose()
 

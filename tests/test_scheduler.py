@@ -10,7 +10,6 @@ from typing import Any
 
 import aio_pika
 import pytest
-import redis.asyncio as aioredis
 
 from conveyor import Client, RunStatus, Settings
 from conveyor.broker.delay import LEVELS
@@ -19,6 +18,7 @@ from conveyor.scheduler.lease import Lease, Refused
 from conveyor.scheduler.reaper import Reaper
 from conveyor.scheduler.runtime import Runtime
 from conveyor.shared.ids import new_run_id
+from conveyor.shared.redis_client import redis_client
 from conveyor.shared.store import NewRun
 from conveyor.worker import Worker
 from tests.conftest import SCHEDULER_ENV, SchedulerProcess, eventually
@@ -48,7 +48,7 @@ async def completed_once(client: Client, settings: Settings, run_ids: list[str])
 
 async def leader(settings: Settings) -> tuple[int, int]:
     """(epoch, pid) of the scheduler holding the lease, (0, 0) if none."""
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         raw = await r.get(Runtime(settings, "test").keys.leader)
     finally:

@@ -1,6 +1,5 @@
-import redis.asyncio as aioredis
-
 from conveyor import Client, RunStatus
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests import tasks
 
@@ -16,7 +15,7 @@ async def test_typed_steps_replay(client: Client, worker: Worker) -> None:
     run = await client.get_run(handle.id)
     assert run.status is RunStatus.COMPLETED
     assert [a.status for a in run.attempts] == ["FAILED", "COMPLETED"]
-    r = aioredis.Redis.from_url(client.settings.redis_url)
+    r = redis_client(client.settings)
     trace = [t.decode() for t in await r.lrange(tasks.trace_key(handle.id), 0, -1)]
     await r.aclose()
     assert trace == ["make_point@1", "make_box@1", "make_bytes@1"]

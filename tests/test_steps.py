@@ -17,6 +17,7 @@ from conveyor import (
     run_step,
     step,
 )
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import eventually
@@ -24,7 +25,7 @@ from tests.conftest import eventually
 
 @pytest.fixture
 async def r(client: Client) -> Any:
-    conn = aioredis.Redis.from_url(client.settings.redis_url)
+    conn = redis_client(client.settings)
     yield conn
     await conn.aclose()
 

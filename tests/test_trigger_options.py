@@ -19,6 +19,7 @@ from conveyor import (
     Settings,
     TriggerError,
 )
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests import tasks
 from tests.conftest import eventually
@@ -26,7 +27,7 @@ from tests.conftest import eventually
 
 @pytest.fixture
 async def r(client: Client) -> AsyncIterator[aioredis.Redis]:
-    conn = aioredis.Redis.from_url(client.settings.redis_url)
+    conn = redis_client(client.settings)
     yield conn
     await conn.aclose()
 

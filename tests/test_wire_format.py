@@ -14,7 +14,6 @@ from typing import Any
 import aio_pika
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from conveyor import Client, RunStatus, Settings, current_run, task
@@ -22,6 +21,7 @@ from conveyor.broker.delay import LEVELS
 from conveyor.broker.topology import work_queue_arguments
 from conveyor.shared.keys import Keys
 from conveyor.shared.models import RunMessage
+from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests.conftest import ROOT, eventually
 
@@ -69,7 +69,7 @@ async def resize_worker(settings: Settings, client: Client) -> AsyncIterator[Wor
 
 async def _hash_result(settings: Settings, run_id: str) -> list[Any]:
     """Poll the run hash exactly as the document says, until the run has ended."""
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     key = f"{settings.namespace}:{{{run_id}}}:run"  # the document's key layout
     assert key == Keys(settings.namespace).run(run_id)
     final = {b"COMPLETED", b"FAILED", b"CANCELED", b"CRASHED", b"TIMED_OUT", b"EXPIRED"}
@@ -175,7 +175,7 @@ async def test_idempotency_key_over_the_wire(
     assert run.id in ("wire-a", "wire-b") and run.idempotency_key == "order-42"
     late = await client.trigger("resize-image", {"url": "c.jpg"}, idempotency_key="order-42")
     assert late.id == run.id, "the Python client sees the key taken over the wire"
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:  # the documented key holds the id of the run that has the key
         assert await r.get(f"{settings.namespace}:idem:resize-image:order-42") == run.id.encode()
     finally:

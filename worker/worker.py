@@ -23,7 +23,6 @@ from typing import Any
 
 import aio_pika
 import msgspec
-import redis.asyncio as aioredis
 from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustChannel,
@@ -50,7 +49,7 @@ from conveyor.shared.errors import (
 )
 from conveyor.shared.ids import new_run_id
 from conveyor.shared.models import RunMessage, RunStatus
-from conveyor.shared.redis_client import redis_client
+from conveyor.shared.redis_client import Redis, redis_client
 from conveyor.shared.settings import Settings, redact
 from conveyor.shared.store import Created, Lineage, NewRun, RunStore
 from conveyor.shared.waits import child_result, notify_parent, timed_out, token_outcome
@@ -111,7 +110,7 @@ class Worker:
         # the slots wait in the worker (see _take_slot).
         self.prefetch = prefetch or 2 * concurrency
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.redis: aioredis.Redis = redis_client(self.settings, max_connections=concurrency + 16)
+        self.redis: Redis = redis_client(self.settings, max_connections=concurrency + 16)
         self.store = RunStore(self.redis, self.settings)
         self.topology = Topology(self.settings)
         self.publisher = Publisher(self.settings, self.topology)
