@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiormq.exceptions
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import PublishFailed, ServiceUnavailable, describe
@@ -62,6 +62,12 @@ _AMQP_CONFIGURATION = (
 
 def is_redis_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | TimeoutError | OSError):
+        return True
+    # A cluster whose slots are not all served (a failover under way), its client's
+    # redirections exhausted meanwhile, or no node of it reachable.
+    if isinstance(exc, ClusterError | SlotNotCoveredError):
+        return True
+    if isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc):
         return True
     if isinstance(exc, ResponseError):
         # redis-py strips the code of the errors it knows from the message into

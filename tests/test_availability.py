@@ -7,8 +7,14 @@ import asyncio
 
 import aiormq.exceptions
 import pytest
+from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 from conveyor.shared.availability import Gate, is_broker_unavailable, is_redis_unavailable
 from conveyor.shared.errors import PublishFailed, ServiceUnavailable
@@ -23,6 +29,12 @@ from conveyor.shared.errors import PublishFailed, ServiceUnavailable
         (ResponseError("READONLY You can't write against a read only replica."), True),
         (ResponseError("BUSY Redis is busy running a script."), True),
         (ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
+        (ClusterDownError("CLUSTERDOWN The cluster is down"), True),
+        (ClusterError("TTL exhausted."), True),
+        (SlotNotCoveredError("Slot 42 is not covered by the cluster."), True),
+        (RedisClusterException("Redis Cluster cannot be connected. Please provide..."), True),
+        (RedisClusterException("No way to dispatch this command to Redis Cluster."), False),
+        (ResponseError("CROSSSLOT Keys in request don't hash to the same slot"), False),
         (ResponseError("WRONGPASS invalid username-password pair"), False),
         (ValueError("a bug"), False),
     ],
