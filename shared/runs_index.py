@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 
 from .errors import InvalidListing
 from .keys import Keys
@@ -49,6 +50,10 @@ class IndexWrite(msgspec.Struct, frozen=True, gc=False):
     bucket: str
     task_bucket: str
     expires_ms: int
+
+
+# How long after its index entry a run may still be in the making (a cluster's create).
+CREATE_GRACE_MS = 60_000
 
 
 def index_write(keys: Keys, settings: Settings, task_id: str) -> IndexWrite:
@@ -109,6 +114,11 @@ class IndexReader:
         self.keys = keys
         self.width = bucket_width_ms(settings)
         self.retention = 2 * int(settings.run_ttl * 1000) + self.width
+        # Only a cluster writes an entry before its run; a run's hash outlives its creation
+        # by run_ttl at least, so the grace is no longer.
+        self.grace_ms = (
+            min(CREATE_GRACE_MS, settings.run_ttl * 1000) if isinstance(redis, RedisCluster) else 0
+        )
 
     def _key(self, task_id: str | None, start: int) -> str:
         if task_id is None:
@@ -202,8 +212,11 @@ class IndexReader:
                 pipe.hget(self.keys.run(candidate.position.run_id), "status")
             statuses: list[bytes | None] = await pipe.execute()
         gone: dict[str, list[str]] = {}
+        # On a Redis Cluster an entry is written just before its run (shared/cluster_create.py):
+        # a young entry without a run may be one being created, so it is skipped, not removed.
+        settled = time.time() * 1000 - self.grace_ms
         for candidate, current in zip(candidates, statuses, strict=True):
-            if current is None:
+            if current is None and candidate.position.created_ms < settled:
                 gone.setdefault(candidate.key, []).append(candidate.position.run_id)
         if gone:
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -23,7 +23,9 @@ from tests.servers import RedisClusterGroup
 
 # The main cases of the core suite: trigger and batch_trigger, steps and checkpoints,
 # retries, crash recovery with killed worker processes, cancel, idempotency, delay and ttl,
-# runs list. Left out: tests that put a proxy before a single Redis.
+# runs list. Left out: tests that put a proxy before a single Redis, and the removal of
+# index entries whose run is gone, which a cluster leaves to entries older than a minute
+# (an entry is written there just before its run).
 CORE = [
     "tests/test_smoke.py",
     "tests/test_steps.py",
@@ -56,10 +58,14 @@ def settings(services: Services, namespace: str, cluster: RedisClusterGroup) -> 
     )
 
 
+@pytest.mark.timeout(600)
 def test_the_core_suite_passes_on_a_redis_cluster(cluster: RedisClusterGroup) -> None:
     env = dict(os.environ, CONVEYOR_REDIS_URL=cluster.url)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE],
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE),
+            *("-k", "not expired_runs_in_the_index"),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
