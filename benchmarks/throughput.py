@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import aio_pika
 import msgspec
-import redis.asyncio as aioredis
 import uvloop
+from redis.asyncio.cluster import RedisCluster
 
 from benchmarks import counting
 from benchmarks.tasks import noop, stamp, steps
@@ -43,6 +43,7 @@ from conveyor import Client, Settings
 from conveyor._client import RunHandle
 from conveyor.broker.topology import Topology
 from conveyor.shared.models import TERMINAL
+from conveyor.shared.redis_client import Redis, redis_client
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUES = [noop.queue, stamp.queue, steps.queue]
@@ -175,7 +176,7 @@ class Bench:
         self.pool = WorkerPool(settings, concurrency)
         self.topology = Topology(settings)
         self.client = Client(settings=settings)
-        self.redis: aioredis.Redis = self.client.redis
+        self.redis: Redis = self.client.redis
         self.own_hget = 0  # our own HGET polls, subtracted from the server's command counts
         self.server_pids = _server_pids()
         self._amqp: aio_pika.abc.AbstractConnection | None = None
@@ -249,12 +250,22 @@ class Bench:
         return rows
 
     async def commandstats(self) -> dict[str, tuple[int, int]]:
-        info: dict[str, Any] = await self.redis.info("commandstats")
-        return {
-            key.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
-            for key, v in info.items()
-            if isinstance(v, dict)
-        }
+        """Calls and µs per command, summed over the primaries of a cluster."""
+        if isinstance(self.redis, RedisCluster):
+            per_node = await self.redis.info("commandstats", target_nodes=RedisCluster.PRIMARIES)
+            infos: list[dict[str, Any]] = list(per_node.values())
+        else:
+            infos = [await self.redis.info("commandstats")]
+        totals: dict[str, tuple[int, int]] = {}
+        for info in infos:
+            for key, v in info.items():
+                if isinstance(v, dict):
+                    calls, usec = totals.get(key.removeprefix("cmdstat_"), (0, 0))
+                    totals[key.removeprefix("cmdstat_")] = (
+                        calls + int(v["calls"]),
+                        usec + int(v["usec"]),
+                    )
+        return totals
 
     # -- phases ------------------------------------------------------------------------
 
@@ -562,7 +573,7 @@ async def cleanup(settings: Settings, queues: Sequence[str] = QUEUES) -> None:
             f"{settings.namespace!r} ({exc!r}); delete those named {settings.namespace}.*",
             file=sys.stderr,
         )
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         pattern = f"{settings.namespace}:*"
         batch: list[Any] = []
@@ -729,6 +740,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", metavar="FILE", help="py-spy speedscope profile of the one-worker no-op drain"
     )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run on a local Redis Cluster (three primaries, a replica each) that the "
+        "benchmark starts from redis-server on free ports, instead of CONVEYOR_REDIS_URL",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--timeout", type=float, default=None, help="give up after this many seconds"
@@ -737,7 +754,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(namespace=f"bench{secrets.token_hex(4)}")
+    if not args.redis_cluster:
+        return await _run(args, Settings.from_env(namespace=f"bench{secrets.token_hex(4)}"))
+    from tests.servers import RedisClusterGroup
+
+    with tempfile.TemporaryDirectory(prefix="conveyor-bench-cluster-") as directory:
+        cluster = await asyncio.to_thread(RedisClusterGroup, Path(directory))
+        try:
+            print(f"Redis Cluster of 3 primaries and 3 replicas at {cluster.url}", flush=True)
+            settings = Settings.from_env(
+                namespace=f"bench{secrets.token_hex(4)}", redis_url=cluster.url
+            )
+            return await _run(args, settings)
+        finally:
+            cluster.close()
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
     check_local(settings.amqp_url, "CONVEYOR_AMQP_URL")
     check_local(settings.redis_url, "CONVEYOR_REDIS_URL")
     sizes = QUICK if args.quick else FULL
