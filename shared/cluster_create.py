@@ -39,8 +39,8 @@ async def create_in_cluster(
     per_run: list[Arg],
 ) -> list[Any]:
     """create.lua's reply ([code, run id]) for one run. `head` is create.lua's arguments
-    before the runs (but the index expiry and created_at), `per_run` the run's payload, idempotency
-    key and parent step."""
+    before the runs but the index expiry and created_at; `per_run` the run's payload,
+    idempotency key and parent step."""
     idem = str(per_run[1])
     owner = run_id
     if idem:
