@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 from conveyor import Client, RunStatus, Settings
@@ -17,7 +18,7 @@ from conveyor.shared.keys import Keys
 from conveyor.shared.redis_client import redis_client
 from conveyor.worker import Worker
 from tests import tasks
-from tests.conftest import ROOT, Services, eventually
+from tests.conftest import ROOT, eventually
 from tests.faults import trace
 from tests.servers import RedisClusterGroup
 
@@ -47,15 +48,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterGr
 
 
 @pytest.fixture
-def settings(services: Services, namespace: str, cluster: RedisClusterGroup) -> Settings:
-    return Settings(
-        amqp_url=services.amqp_url,
-        redis_url=cluster.url,
-        namespace=namespace,
-        lease_ttl=2.0,
-        shutdown_grace=5.0,
-        publish_timeout=30.0,
-    )
+def settings(settings: Settings, cluster: RedisClusterGroup) -> Settings:
+    """The suite's settings (tests/conftest.py), on the cluster."""
+    return msgspec.structs.replace(settings, redis_url=cluster.url)
 
 
 @pytest.mark.timeout(600)
