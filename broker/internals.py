@@ -1,9 +1,11 @@
-"""The aiormq internals the publisher relies on, checked once per connection.
+"""The aiormq internals conveyor relies on, checked before they are used.
 
 broker/publisher.py writes its own frames to aiormq's connection writer and keeps their
-confirms in the channel's bookkeeping (see its _Tally). Those attributes are not aiormq's
-public API: pyproject.toml pins aiormq to the minor series this was checked against, and
-this check turns a moved internal into a clear start-up error instead of lost confirms.
+confirms in the channel's bookkeeping (see its _Tally); broker/receiver.py replaces the
+frame reader that aiormq's connection builds. Those are not aiormq's public API:
+pyproject.toml pins aiormq to the minor series this was checked against, and these
+checks turn a moved internal into a clear start-up error instead of lost confirms or
+frames read the old way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import inspect
 from importlib import metadata
 from typing import Any
 
+import aiormq.connection
 from aiormq.abc import ChannelFrame
 
 from conveyor.shared.errors import ConfigurationError
@@ -47,9 +50,25 @@ def check_aiormq(channel: Any) -> None:
     fields = inspect.signature(ChannelFrame).parameters
     if not {"payload", "should_close"} <= set(fields):
         problems.append(f"aiormq.abc.ChannelFrame takes {', '.join(fields)}")
+    _raise("publisher", problems)
+
+
+def check_receiver() -> None:
+    """Raise ConfigurationError if aiormq's connection no longer reads its frames with
+    a FrameReceiver built by name from its module, with get_frame() as the one read."""
+    problems = []
+    receiver = getattr(aiormq.connection, "FrameReceiver", None)
+    if not isinstance(receiver, type) or not callable(getattr(receiver, "get_frame", None)):
+        problems.append("aiormq.connection.FrameReceiver.get_frame is missing")
+    elif "FrameReceiver(reader)" not in inspect.getsource(aiormq.connection.Connection):
+        problems.append("aiormq.connection.Connection no longer builds FrameReceiver(reader)")
+    _raise("frame reader", problems)
+
+
+def _raise(part: str, problems: list[str]) -> None:
     if problems:
         raise ConfigurationError(
-            f"conveyor's publisher does not support the installed aiormq {_version()} "
+            f"conveyor's {part} does not support the installed aiormq {_version()} "
             f"(supported: aiormq{SUPPORTED}): {'; '.join(problems)}. "
             f"Install a supported version: pip install 'aiormq{SUPPORTED}'"
         )

@@ -14,6 +14,7 @@ import aio_pika
 import msgspec
 from redis.exceptions import RedisError
 
+from conveyor.broker.connection import connect as amqp_connect
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
 from conveyor.shared import tracing
@@ -130,11 +131,8 @@ class Client:
         """Connect to RabbitMQ (Redis connects per command); called on first use."""
         async with self._connect_lock:
             if self._connection is None:
-                connection = await aio_pika.connect_robust(
-                    self.settings.amqp_url,
-                    client_properties={
-                        "connection_name": f"conveyor-client:{self.settings.namespace}"
-                    },
+                connection = await amqp_connect(
+                    self.settings, f"conveyor-client:{self.settings.namespace}"
                 )
                 try:
                     await self.publisher.connect(connection)

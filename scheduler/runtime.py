@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from conveyor.broker.connection import connect as amqp_connect
 from conveyor.broker.publisher import Publisher
 from conveyor.broker.topology import Topology
 from conveyor.shared.redis_client import Redis, redis_client
@@ -35,11 +35,7 @@ class Runtime:
     async def connect(self) -> None:
         if self.connection is not None:
             return
-        connection = await aio_pika.connect_robust(
-            self.settings.amqp_url,
-            timeout=self.settings.connect_timeout,
-            client_properties={"connection_name": self.name},
-        )
+        connection = await amqp_connect(self.settings, self.name)
         try:
             await self.publisher.connect(connection)
             self._channel = await connection.channel()

@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import msgspec
 from aio_pika.abc import (
     AbstractQueue,
@@ -31,6 +30,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 
 from conveyor._task import Task, registered_tasks
+from conveyor.broker.connection import connect as amqp_connect
 from conveyor.broker.publisher import Outgoing, Publisher
 from conveyor.broker.topology import Topology
 from conveyor.shared import logs, metrics, tracing
@@ -225,17 +225,9 @@ class Worker:
         await self._check_redis()
 
     async def _start_consuming(self) -> None:
-        self._publishing = await aio_pika.connect_robust(
-            self.settings.amqp_url,
-            client_properties={"connection_name": f"conveyor-worker-publisher:{self.id}"},
-            timeout=self.settings.connect_timeout,
-        )
+        self._publishing = await amqp_connect(self.settings, f"conveyor-worker-publisher:{self.id}")
         await self.publisher.connect(self._publishing)
-        self._connection = await aio_pika.connect_robust(
-            self.settings.amqp_url,
-            client_properties={"connection_name": f"conveyor-worker:{self.id}"},
-            timeout=self.settings.connect_timeout,
-        )
+        self._connection = await amqp_connect(self.settings, f"conveyor-worker:{self.id}")
         channel: AbstractRobustChannel = await self._connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.prefetch)
         # Strong references: the robust channel re-declares these queues after a reconnect.
