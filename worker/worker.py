@@ -58,6 +58,7 @@ from .admission import Admission
 from .delivery import Acks, Delivery
 from .execution import Execution, run_attempt
 from .limits import PARKED, Limits
+from .slots import Slots
 from .supervision import Supervisor
 from .validation import Invalid, delivery_count, validate
 
@@ -118,7 +119,7 @@ class Worker:
         # past its lease) tracks the stale attempt and the new one apart.
         self.inflight: dict[tuple[str, int], Execution] = {}
         self._acks = Acks()
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Slots(concurrency, max_wait=self.settings.handover_after)
         self._handlers: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         # While a service is unavailable, the work that needs it waits at its gate: at most
@@ -334,12 +335,8 @@ class Worker:
         """Wait for a free slot; a message that waits as long as a run may keep its own
         (long runs were handed over, so the broker sent more) goes round the delay ladder
         instead, before RabbitMQ's consumer_timeout closes the channel over it."""
-        if not self._slots.locked():  # the common case: no timer per message
-            await self._slots.acquire()
-            return True
         try:
-            async with asyncio.timeout(self.settings.handover_after):
-                await self._slots.acquire()
+            await self._slots.acquire()
         except TimeoutError:
             delay_ms = int(self.settings.lease_ttl * 1000)
             await self._publish(
