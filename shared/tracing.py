@@ -16,12 +16,14 @@ is still passed on, which costs nothing when there is none.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -44,11 +46,21 @@ _tracecontext = TraceContextTextMapPropagator()
 _cached: tuple[object, Tracer | None] = (None, None)
 
 
+# While no provider is set, get_tracer_provider() looks for one named in os.environ on
+# every call: about 1% of a no-op run. The API's global says that none is set without it;
+# were it renamed, every call asks get_tracer_provider() again.
+_FROM_ENV = OTEL_PYTHON_TRACER_PROVIDER in os.environ
+_ASK = object()
+
+
 def tracer() -> Tracer | None:
     """conveyor's tracer, or None while no tracer provider is installed (the API's proxy
     and no-op providers record nothing). One identity check per call once cached."""
     global _cached
-    provider = trace.get_tracer_provider()
+    found = getattr(trace, "_TRACER_PROVIDER", _ASK)
+    if found is None and not _FROM_ENV:
+        return None
+    provider = found if isinstance(found, trace.TracerProvider) else trace.get_tracer_provider()
     if provider is _cached[0]:
         return _cached[1]
     real = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
